@@ -1,0 +1,6 @@
+"""lavi_jax: LaVi vision-language models in JAX/Flax."""
+
+from lavi_jax import config as configs
+from lavi_jax.models.lavi import LaVi
+
+__all__ = ["LaVi", "configs"]

@@ -1,0 +1,1 @@
+"""Flax (linen) modules: vision tower, projector, conditioners, decoder and the LaVi model."""
