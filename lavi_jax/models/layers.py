@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,32 +15,41 @@ def dtype_of(name) -> jnp.dtype:
     return DTYPES[name] if isinstance(name, str) else name
 
 
-def dense(
-    features: int | Sequence[int],
-    names: Sequence[str | None],
-    *,
-    axis: int | Sequence[int] = -1,
-    use_bias: bool = False,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    kernel_init: Callable = nn.initializers.lecun_normal(),
-    name: str | None = None,
-) -> nn.DenseGeneral:
-    """``nn.DenseGeneral`` whose kernel carries logical axis ``names`` (input axes, then output axes).
+class Dense(nn.Module):
+    """Dense layer over one or more input axes whose kernel carries logical axis ``names``.
 
-    The bias takes the names of the output axes.
+    The kernel has shape ``[*input_dims, *features]`` (``names`` lists input axes,
+    then output axes) and the bias takes the names of the output axes.
     """
-    n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(names)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names[-n_out:])),
-        name=name,
-    )
+
+    features: int | Sequence[int]
+    names: Sequence[str | None]
+    axis: int | Sequence[int] = -1
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable | None = None  # default: LeCun normal over the input dims
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axes = tuple(a % x.ndim for a in axes)
+        n_in = len(axes)
+        shape = tuple(x.shape[a] for a in axes) + feats
+        init = self.kernel_init or nn.initializers.lecun_normal(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.names)), shape, self.param_dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((axes, tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(self.names[n_in:])),
+                              feats, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features, names, *, axis=-1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+          kernel_init=None, name=None) -> Dense:
+    return Dense(features, tuple(names), axis, use_bias, dtype, param_dtype, kernel_init, name=name)
 
 
 def quick_gelu(x):

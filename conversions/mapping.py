@@ -1,0 +1,179 @@
+"""The declarative JAX <-> Hugging Face name mapping, used for import and export alike.
+
+Each :class:`Rule` pairs a JAX param path (``/``-joined, ``{i}`` = layer index)
+with an HF tensor name and a :class:`Hook` that converts the tensor both ways.
+:func:`expand` turns the rules for a model config into concrete
+:class:`Entry` rows, resolving the layer layout: unrolled layers
+(``layers_{i}``) or scanned blocks (``blocks/layers_{j}`` stacked along a
+leading ``layers`` axis at index ``i // k``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from lavi_jax.models.decoder import scan_block_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """Tensor layout change: ``to_jax(hf_tensor, jax_shape)`` and ``to_hf(jax_tensor)``."""
+
+    name: str
+    to_jax: Callable[[np.ndarray, tuple], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def linear(n_in: int) -> Hook:
+    """HF ``nn.Linear`` weight [out, in] <-> JAX kernel [*in_dims, *out_dims] (``n_in`` input dims)."""
+    return Hook(
+        f"linear{n_in}",
+        lambda x, shape: np.ascontiguousarray(x.T).reshape(shape),
+        lambda x: np.ascontiguousarray(x.reshape(int(np.prod(x.shape[:n_in])), -1).T),
+    )
+
+
+COPY = Hook("copy", lambda x, shape: x.reshape(shape), lambda x: x)
+FLAT = Hook("flat", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1))
+CONV = Hook(  # HF Conv2d [out, in, kh, kw] <-> flax Conv [kh, kw, in, out]
+    "conv",
+    lambda x, shape: np.ascontiguousarray(x.transpose(2, 3, 1, 0)).reshape(shape),
+    lambda x: np.ascontiguousarray(x.transpose(3, 2, 0, 1)),
+)
+LINEAR, LINEAR2 = linear(1), linear(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    jax: str
+    hf: str
+    hook: Hook
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    jax: tuple[str, ...]
+    layer: int | None  # index along the stacked ``layers`` axis (scanned layout), else None
+    hf: str
+    hook: Hook
+
+
+# ----------------------------------------------------------------------------- rules per architecture
+
+
+def llm_rules(cfg) -> list[Rule]:
+    """Qwen2 / LLaMA decoder under ``model.`` + ``lm_head``."""
+    layer = "layers_{i}"
+    hf = "model.layers.{i}"
+    rules = [
+        Rule("embed_tokens/embedding", "model.embed_tokens.weight", COPY),
+        Rule(f"{layer}/input_layernorm/scale", f"{hf}.input_layernorm.weight", COPY),
+        Rule(f"{layer}/post_attention_layernorm/scale", f"{hf}.post_attention_layernorm.weight", COPY),
+        Rule(f"{layer}/self_attn/o_proj/kernel", f"{hf}.self_attn.o_proj.weight", LINEAR2),
+        Rule(f"{layer}/mlp/gate_proj/kernel", f"{hf}.mlp.gate_proj.weight", LINEAR),
+        Rule(f"{layer}/mlp/up_proj/kernel", f"{hf}.mlp.up_proj.weight", LINEAR),
+        Rule(f"{layer}/mlp/down_proj/kernel", f"{hf}.mlp.down_proj.weight", LINEAR),
+        Rule("norm/scale", "model.norm.weight", COPY),
+    ]
+    for p in ("q_proj", "k_proj", "v_proj"):
+        rules.append(Rule(f"{layer}/self_attn/{p}/kernel", f"{hf}.self_attn.{p}.weight", LINEAR))
+        if cfg.attention_bias:
+            rules.append(Rule(f"{layer}/self_attn/{p}/bias", f"{hf}.self_attn.{p}.bias", FLAT))
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule("lm_head/kernel", "lm_head.weight", LINEAR))
+    return rules
+
+
+def vision_rules(cfg) -> list[Rule]:
+    """SigLIP / CLIP vision transformer (names relative to the vision model; see ``VISION_PREFIXES``)."""
+    layer, hf = "layers_{i}", "encoder.layers.{i}"
+    rules = [
+        Rule("patch_embedding/kernel", "embeddings.patch_embedding.weight", CONV),
+        Rule("position_embedding", "embeddings.position_embedding.weight", COPY),
+        Rule("post_layernorm/scale", "post_layernorm.weight", COPY),
+        Rule("post_layernorm/bias", "post_layernorm.bias", COPY),
+    ]
+    if cfg.type == "siglip":
+        rules.append(Rule("patch_embedding/bias", "embeddings.patch_embedding.bias", COPY))
+    else:
+        rules += [
+            Rule("class_embedding", "embeddings.class_embedding", COPY),
+            Rule("pre_layrnorm/scale", "pre_layrnorm.weight", COPY),
+            Rule("pre_layrnorm/bias", "pre_layrnorm.bias", COPY),
+        ]
+    for ln in ("layer_norm1", "layer_norm2"):
+        rules += [Rule(f"{layer}/{ln}/scale", f"{hf}.{ln}.weight", COPY), Rule(f"{layer}/{ln}/bias", f"{hf}.{ln}.bias", COPY)]
+    for p in ("q_proj", "k_proj", "v_proj"):
+        rules += [Rule(f"{layer}/{p}/kernel", f"{hf}.self_attn.{p}.weight", LINEAR),
+                  Rule(f"{layer}/{p}/bias", f"{hf}.self_attn.{p}.bias", FLAT)]
+    rules += [
+        Rule(f"{layer}/out_proj/kernel", f"{hf}.self_attn.out_proj.weight", LINEAR2),
+        Rule(f"{layer}/out_proj/bias", f"{hf}.self_attn.out_proj.bias", COPY),
+        Rule(f"{layer}/fc1/kernel", f"{hf}.mlp.fc1.weight", LINEAR),
+        Rule(f"{layer}/fc1/bias", f"{hf}.mlp.fc1.bias", COPY),
+        Rule(f"{layer}/fc2/kernel", f"{hf}.mlp.fc2.weight", LINEAR),
+        Rule(f"{layer}/fc2/bias", f"{hf}.mlp.fc2.bias", COPY),
+    ]
+    return rules
+
+
+def projector_rules() -> list[Rule]:
+    """LLaVA ``multi_modal_projector`` (linear_1, GELU, linear_2)."""
+    return [Rule(f"{n}/{p}", f"multi_modal_projector.{n}.{q}", h)
+            for n in ("linear_1", "linear_2") for p, q, h in (("kernel", "weight", LINEAR), ("bias", "bias", COPY))]
+
+
+# Where each part sits inside the checkpoints users bring: a bare vision model, a
+# full SigLIP/CLIP model, or a LLaVA(-OneVision) model in its transformers 4 or 5 layout.
+VISION_PREFIXES = ("", "vision_model.", "model.vision_tower.vision_model.", "vision_tower.vision_model.",
+                   "model.vision_tower.", "vision_tower.")
+LLM_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "model.language_model.model.")
+PROJECTOR_PREFIXES = ("model.", "")
+
+
+def detect_prefix(names, anchor: str, candidates) -> str | None:
+    """The candidate prefix under which ``anchor`` exists in ``names`` (None if none does)."""
+    names = set(names)
+    for p in candidates:
+        if p + anchor in names:
+            return p
+    return None
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def expand(rules: list[Rule], *, num_layers: int, jax_prefix: str = "", hf_prefix: str = "", block: int | None = None) -> list[Entry]:
+    """Concrete entries. ``block`` = layers per scanned block (None: unrolled layers)."""
+    out = []
+    for r in rules:
+        indices = range(num_layers) if "{i}" in r.jax else [None]
+        for i in indices:
+            hf = hf_prefix + (r.hf.format(i=i) if i is not None else r.hf)
+            if i is None:
+                out.append(Entry(tuple((jax_prefix + r.jax).split("/")), None, hf, r.hook))
+            elif block is None:
+                out.append(Entry(tuple((jax_prefix + r.jax.format(i=i)).split("/")), None, hf, r.hook))
+            else:
+                path = jax_prefix + r.jax.replace("layers_{i}", f"blocks/layers_{i % block}")
+                out.append(Entry(tuple(path.split("/")), i // block, hf, r.hook))
+    return out
+
+
+def llm_entries(model_cfg, jax_prefix: str = "llm/", hf_prefix: str = "") -> list[Entry]:
+    """Entries for the LLM of a LaVi model config, in its layer layout."""
+    cond = model_cfg.conditioner if model_cfg.fusion == "modulation" else None
+    block = scan_block_size(cond, model_cfg.llm.num_layers) if model_cfg.scan_layers else None
+    return expand(llm_rules(model_cfg.llm), num_layers=model_cfg.llm.num_layers, jax_prefix=jax_prefix, hf_prefix=hf_prefix, block=block)
+
+
+def vision_entries(model_cfg, jax_prefix: str = "vision/", hf_prefix: str = "") -> list[Entry]:
+    return expand(vision_rules(model_cfg.vision), num_layers=model_cfg.vision.num_layers, jax_prefix=jax_prefix, hf_prefix=hf_prefix)
+
+
+def rename(entries: list[Entry], fn: Callable[[str], str]) -> list[Entry]:
+    """The same entries with HF names rewritten (e.g. for LLaVA's nested prefixes)."""
+    return [dataclasses.replace(e, hf=fn(e.hf)) for e in entries]
