@@ -100,9 +100,9 @@ class Conditioner(nn.Module):
             visible = _visible(cache["key_index"], visual.query_index, cache["k"].shape[1] // cache["key_index"][0].size)
             q = dense((heads, head_dim), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
             a = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible[:, None], scale=head_dim**-0.5)
-            a = jnp.where(visible.any(-1)[:, :, None, None], a, 0)
             out = dense((n_out, self.features), ("heads", "head_dim", None, "embed"), axis=(-2, -1), name="o_proj",
                         kernel_init=nn.initializers.zeros_init(), use_bias=True, **kw)(a)
+            out = jnp.where(visible.any(-1)[:, :, None, None], out, 0)
         elif c.type in ("mlp", "conv"):
 
             def summary():

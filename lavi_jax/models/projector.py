@@ -46,9 +46,9 @@ class Projector(nn.Module):
             side //= c.pool
             x = x.reshape(B, N, F, side * side, D)
         if c.type == "mlp2x_gelu":
-            x = dense(self.features, ("vit_embed", self.out_name), name="linear_1", **kw)(x)
+            x = dense(self.features, ("vit_embed", "mlp"), name="linear_1", **kw)(x)
             x = jax.nn.gelu(x, approximate=False)
-            x = dense(self.features, (self.out_name, self.out_name), name="linear_2", **kw)(x)
+            x = dense(self.features, ("mlp", self.out_name), name="linear_2", **kw)(x)
         elif c.type == "linear":
             x = dense(self.features, ("vit_embed", self.out_name), name="linear_1", **kw)(x)
         else:
