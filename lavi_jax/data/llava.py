@@ -1,0 +1,122 @@
+"""LLaVA records -> model examples (tokens, loss mask, preprocessed images / video frames).
+
+A record is ``{"id", "image": str | [str], "video": str | [str], "conversations": [...]}``
+with media paths relative to an image root. Each ``<image>`` tag (``<video>``
+is read as ``<image>``) opens one visual item, in order: the record's images,
+then its videos. A record with media but no tag gets one ``<image>\\n`` per
+item prepended to its first human turn (the LLaVA convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from lavi_jax.data.bad_records import BadRecord
+from lavi_jax.data.image_processor import ImageProcessor, load_image
+from lavi_jax.data.records import parse_record, resolve_path
+from lavi_jax.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from lavi_jax.data.video import load_video
+
+
+def _paths(record: dict[str, Any], key: str) -> list[Any]:
+    value = record.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        return value
+    raise ValueError(f'"{key}" must be a path or a non-empty list of paths, got {value!r}')
+
+
+def prepare_conversation(conversation: Any, num_items: int) -> list[dict[str, str]]:
+    """Validates LLaVA turns and reconciles ``<image>`` tags with ``num_items``."""
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("empty or missing conversation")
+    turns = []
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i} must be an object with a string value")
+        turns.append({"from": turn.get("from"), "value": turn["value"].replace("<video>", IMAGE_TOKEN)})
+    if not any(t["from"] in ("gpt", "assistant") for t in turns):
+        raise ValueError("conversation has no assistant turn")
+    if any(IMAGE_TOKEN in t["value"] for t in turns if t["from"] in ("gpt", "assistant")):
+        raise ValueError(f"{IMAGE_TOKEN} in an assistant turn")
+    tags = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if tags == 0 and num_items:
+        first = next((t for t in turns if t["from"] in ("human", "user")), None)
+        if first is None:
+            raise ValueError("conversation has no human turn for the image tag")
+        first["value"] = f"{IMAGE_TOKEN}\n" * num_items + first["value"]
+    elif tags != num_items:
+        raise ValueError(f"{tags} {IMAGE_TOKEN} tags for {num_items} images/videos")
+    return turns
+
+
+@dataclasses.dataclass
+class ExampleBuilder:
+    """Callable ``(index, record) -> example | BadRecord``; never raises for bad data.
+
+    Example: ``input_ids`` int32 [T], ``loss_mask`` int32 [T] (1 on assistant
+    tokens), ``pixel_values`` float32 [N_items, num_frames, H, W, 3] with
+    N_items <= ``max_images`` actual items, ``item_mask`` bool [N_items,
+    num_frames] (an image fills frame 0; a short video its first frames),
+    ``index`` (the record's position in the file).
+    """
+
+    tokenizer: Tokenizer
+    image_processor: ImageProcessor
+    image_root: str
+    max_images: int
+    num_frames: int
+    max_length: int
+    max_image_pixels: int | None = None
+
+    def __post_init__(self):
+        if self.image_processor.output_size is None:
+            raise ValueError("the image processor must produce a fixed output size")
+
+    def __call__(self, index: int, record: Any) -> dict[str, Any] | BadRecord:
+        record_id = f"#{index}"
+        try:
+            record = parse_record(record)
+            if "id" in record:
+                record_id = str(record["id"])
+            return self.build(index, record)
+        except MemoryError:
+            raise
+        except Exception as e:  # any failure of one record makes it a bad record
+            return BadRecord(index=index, id=record_id, reason=f"{type(e).__name__}: {e}")
+
+    def build(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+        """Like ``__call__`` but raises on bad data."""
+        images = [resolve_path(self.image_root, p) for p in _paths(record, "image")]
+        videos = [resolve_path(self.image_root, p) for p in _paths(record, "video")]
+        num_items = len(images) + len(videos)
+        if num_items > self.max_images:
+            raise ValueError(f"{num_items} images/videos, more than max_images={self.max_images}")
+        turns = prepare_conversation(record.get("conversations"), num_items)
+        input_ids, loss_mask = self.tokenizer.encode_conversation(turns)
+        if len(input_ids) > self.max_length:
+            raise ValueError(f"{len(input_ids)} tokens, longer than the largest bucket ({self.max_length})")
+        if not loss_mask.any():
+            raise ValueError("no assistant tokens after tokenisation")
+        height, width = self.image_processor.output_size
+        pixel_values = np.zeros((num_items, self.num_frames, height, width, 3), np.float32)
+        item_mask = np.zeros((num_items, self.num_frames), bool)
+        items = [[load_image(path, self.max_image_pixels)] for path in images]  # each item: its frames
+        items += [load_video(path, self.num_frames, self.max_image_pixels) for path in videos]
+        for i, frames in enumerate(items):
+            for f, frame in enumerate(frames[: self.num_frames]):
+                pixel_values[i, f] = self.image_processor(frame)
+                item_mask[i, f] = True
+        return {
+            "input_ids": input_ids.astype(np.int32),
+            "loss_mask": loss_mask.astype(np.int32),
+            "pixel_values": pixel_values,
+            "item_mask": item_mask,
+            "index": index,
+        }
