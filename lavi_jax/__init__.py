@@ -4,3 +4,7 @@ from lavi_jax import config as configs
 from lavi_jax.models.lavi import LaVi
 
 __all__ = ["LaVi", "configs"]
+
+from lavi_jax.checkpoint import load  # noqa: E402
+
+__all__.append("load")

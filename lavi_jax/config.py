@@ -38,7 +38,7 @@ def llm(**overrides) -> ConfigDict:
 
 
 def vision(**overrides) -> ConfigDict:
-    """ViT vision tower with HF SigLIP or CLIP numerics."""
+    """ViT vision tower with HF SigLIP or CLIP numerics (patch features; SigLIP's pooling head is not part of it)."""
     c = ConfigDict()
     c.type = "siglip"  # "siglip" | "clip"
     c.hidden_size = 1152
@@ -52,7 +52,6 @@ def vision(**overrides) -> ConfigDict:
     # before post-layernorm). Several indices are concatenated along features.
     c.feature_layers = (-2,)
     c.drop_cls = True  # CLIP only: drop the CLS token from the features
-    c.use_head = False  # SigLIP attention-pooling head (unused by LaVi; kept for checkpoint round trips)
     c.update(overrides)
     return c
 

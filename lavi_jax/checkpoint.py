@@ -1,0 +1,143 @@
+"""Checkpoints: one orbax layout for imported weights and training runs, and ``lavi_jax.load``.
+
+A checkpoint directory is an orbax ``CheckpointManager`` directory. Each step
+holds the items
+
+* ``params``: the model params (sharded arrays, restored straight into shards);
+* ``config``: the full config as JSON (``config.model`` rebuilds the model);
+* ``train_state`` (training only): optimizer state and step;
+* ``data`` (training only): the grain iterator state.
+
+A training run keeps its checkpoints in ``<workdir>/checkpoints``; an import
+writes step 0 of ``CKPT_DIR``. Tokenizer files, when there are any, sit in
+``<checkpoint dir>/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lavi_jax import sharding
+
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tree does not match the config it is restored for."""
+
+
+def resolve(path: str) -> str:
+    """A workdir, a checkpoint-manager dir or a step dir -> the manager dir."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints")
+    if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
+        return os.path.dirname(path)
+    return path
+
+
+def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool = True, read_only: bool = False,
+            with_data: bool = False) -> ocp.CheckpointManager:
+    handlers = {"params": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                "train_state": ocp.StandardCheckpointHandler()}
+    if with_data:
+        import grain
+
+        handlers["data"] = grain.checkpoint.CheckpointHandler()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def save_params(directory: str, config: ml_collections.ConfigDict, params: Any, step: int = 0) -> str:
+    """Writes ``params`` + ``config`` as step ``step`` of ``directory`` (blocking). Returns the directory."""
+    with manager(directory, async_save=False) as mngr:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                config=ocp.args.JsonSave(config_to_json(config))))
+        mngr.wait_until_finished()
+    return os.path.abspath(directory)
+
+
+def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
+    directory = resolve(path)
+    with manager(directory, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return ml_collections.ConfigDict(raw)
+
+
+def abstract_params_for(model_config: ml_collections.ConfigDict, mesh) -> Any:
+    """ShapeDtypeStructs with shardings for the params of ``model_config`` on ``mesh``."""
+    from lavi_jax.models.lavi import LaVi
+
+    shapes, specs = sharding.abstract_params(LaVi(model_config), jnp.zeros((1, 8), jnp.int32))
+    shardings = sharding.logical_to_sharding(specs, mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def check_tree(expected: Any, found: Any, where: str) -> None:
+    """Raises ``CheckpointMismatch`` naming the first path whose presence or shape differs."""
+    exp = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(found)[0]}
+    for k in sorted(set(exp) | set(got)):
+        if k not in got:
+            raise CheckpointMismatch(f"{where}: checkpoint lacks param {k} that the config expects")
+        if k not in exp:
+            raise CheckpointMismatch(f"{where}: checkpoint has param {k} that the config does not define")
+        if tuple(exp[k].shape) != tuple(got[k].shape):
+            raise CheckpointMismatch(f"{where}: param {k} has shape {tuple(got[k].shape)} in the checkpoint, "
+                                     f"config expects {tuple(exp[k].shape)}")
+
+
+def restore_params(path: str, model_config: ml_collections.ConfigDict, mesh=None, step: int | None = None) -> Any:
+    """Params of ``model_config`` restored from ``path`` directly into their shards on ``mesh``."""
+    directory = resolve(path)
+    mesh = mesh or sharding.make_mesh()
+    target = abstract_params_for(model_config, mesh)
+    with manager(directory, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        meta = mngr.item_metadata(step)["params"]
+        check_tree(target, _metadata_tree(meta), f"{directory} step {step}")
+        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+
+
+def _metadata_tree(meta: Any) -> Any:
+    tree = getattr(meta, "tree", meta)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
+                        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def load(path: str, *, mesh=None, step: int | None = None):
+    """``(model, params)`` from any checkpoint lavi_jax writes (a workdir, checkpoint dir or step dir).
+
+    The config travels with the checkpoint; params are restored sharded on
+    ``mesh`` (default: every device, data-parallel). The config is available as
+    ``model.config`` (model part) and ``lavi_jax.checkpoint.read_config(path)``.
+    """
+    from lavi_jax.models.lavi import LaVi
+
+    config = read_config(path, step)
+    model = LaVi(config.model)
+    return model, restore_params(path, config.model, mesh, step)
+
+
+def tokenizer_dir(path: str) -> str | None:
+    """The tokenizer saved next to a checkpoint, if any."""
+    d = os.path.join(resolve(path), TOKENIZER_DIR)
+    return d if os.path.isdir(d) else None
