@@ -247,7 +247,7 @@ class Decoder(nn.Module):
             k = scan_block_size(self.cond, c.num_layers)
             self.blocks = nn.scan(
                 block_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "visual_cache": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers // k,
