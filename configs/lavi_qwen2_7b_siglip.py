@@ -8,8 +8,7 @@ from lavi_jax import config as C
 
 
 def get_config(arg: str = ""):
-    config = C.ConfigDict()
-    config.model = C.model(
+    model = C.model(
         fusion="modulation",
         image_token_id=151646,
         llm=C.llm(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
@@ -21,5 +20,5 @@ def get_config(arg: str = ""):
         conditioner=C.conditioner(type="attention", width=512, num_heads=8),
     )
     if arg == "tiny":
-        C.make_tiny(config.model)
-    return config
+        C.make_tiny(model)
+    return C.experiment(model)

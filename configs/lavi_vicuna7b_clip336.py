@@ -4,8 +4,7 @@ from lavi_jax import config as C
 
 
 def get_config(arg: str = ""):
-    config = C.ConfigDict()
-    config.model = C.model(
+    model = C.model(
         fusion="modulation",
         image_token_id=32000,
         llm=C.llm(arch="llama", vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_layers=32,
@@ -17,5 +16,5 @@ def get_config(arg: str = ""):
         conditioner=C.conditioner(type="attention", width=512, num_heads=8),
     )
     if arg == "tiny":
-        C.make_tiny(config.model)
-    return config
+        C.make_tiny(model)
+    return C.experiment(model)

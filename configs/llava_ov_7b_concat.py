@@ -4,8 +4,7 @@ from lavi_jax import config as C
 
 
 def get_config(arg: str = ""):
-    config = C.ConfigDict()
-    config.model = C.model(
+    model = C.model(
         fusion="concat",
         image_token_id=151646,
         llm=C.llm(arch="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_layers=28,
@@ -16,5 +15,5 @@ def get_config(arg: str = ""):
         projector=C.projector(type="mlp2x_gelu"),
     )
     if arg == "tiny":
-        C.make_tiny(config.model)
-    return config
+        C.make_tiny(model)
+    return C.experiment(model)

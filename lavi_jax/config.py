@@ -127,3 +127,19 @@ def make_tiny(model_config: ConfigDict) -> ConfigDict:
     m.projector.max_frames = 8
     m.conditioner.update(width=32, num_heads=4)
     return m
+
+
+def experiment(model_config: ConfigDict) -> ConfigDict:
+    """A full run config around ``model_config``: model, data, train, mesh, init, evals."""
+    from lavi_jax.data.config import data_config
+    from lavi_jax.train_lib import train_config
+
+    c = ConfigDict()
+    c.model = model_config
+    c.data = data_config(image_size=model_config.vision.image_size, processor=model_config.vision.type)
+    c.train = train_config()
+    c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: fill with the remaining devices
+    c.init = ConfigDict({"checkpoint": "", "hf_llm": "", "hf_vision": ""})  # used when the workdir has no checkpoint
+    c.evals = ConfigDict({"every": 0, "exact_match": True, "batch_size": 0})  # every=0: at the end only
+    c.dry_run = False
+    return c

@@ -130,6 +130,27 @@ class RMSNorm(nn.Module):
         return (out if dbeta is None else out + dbeta).astype(self.dtype)
 
 
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]; ``attend`` gives tied-embedding logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                                    (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # Gather from a table sharded over vocab only (embed gathered, as FSDP does for every weight).
+        table = sharding.constrain(self.embedding, ("vocab", None)).astype(self.dtype)
+        return sharding.constrain(jnp.take(table, ids, axis=0), ("batch", "length", "embed"))
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", h, self.embedding.astype(self.dtype))
+
+
 class Attention(nn.Module):
     cfg: Any
     dtype: Any
@@ -228,10 +249,7 @@ class Decoder(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        )
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype)
         mod = set(modulated_layers(self.cond, c.num_layers))
         conds = [self.cond if i in mod else None for i in range(c.num_layers)]
         shared = None
@@ -265,6 +283,7 @@ class Decoder(nn.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
+
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                  query_index=None, visual: VisualContext | None = None, cache=None, cache_index=None,

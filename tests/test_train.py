@@ -1,0 +1,181 @@
+"""Training: sharded step equality, multi-process equality, resume, freezing, bad records, dry run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import lavi_jax
+from lavi_jax import sharding, train_lib, trainer
+from lavi_jax.data import write_synthetic_vqa
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_batch(cfg, B=8, T=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 500, (B, T)).astype(np.int32)
+    ids[:, 2] = cfg.model.image_token_id
+    s = cfg.model.vision.image_size
+    return {"input_ids": ids, "attention_mask": np.ones((B, T), np.int32), "loss_mask": (rng.random((B, T)) > 0.3).astype(np.float32),
+            "pixel_values": rng.normal(size=(B, 1, 1, s, s, 3)).astype(np.float32), "item_mask": np.ones((B, 1, 1), bool)}
+
+
+def run_steps(mesh_shape, n=3, **train):
+    cfg = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
+    cfg.train.update(trainable="all", learning_rate=1e-3, eps=1e-6, warmup_steps=1, num_steps=n, **train)
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(list(mesh_shape.values())))])
+    model = lavi_jax.LaVi(cfg.model)
+    tx = train_lib.make_optimizer(cfg.train)
+    patterns = train_lib.trainable_patterns(cfg.train.trainable)
+    ids0 = jnp.zeros((1, 8), jnp.int32)
+    _, shardings = train_lib.state_shardings(model, tx, patterns, mesh, ids0)
+    state = train_lib.create_state(sharding.init_params(model, jax.random.key(0), ids0, mesh=mesh), tx, patterns, shardings)
+    keys = trainer.batch_keys(cfg.model)
+    step = jax.jit(train_lib.make_train_step(model, tx, cfg.train), out_shardings=(shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
+    losses = []
+    with sharding.use_mesh(mesh):
+        for _ in range(n):
+            state, m = step(state, trainer.to_global(tiny_batch(cfg, seed=0), mesh, keys))
+            losses.append(float(m["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+def test_sharded_train_steps_equal_single_device():
+    single_losses, single = run_steps({"data": 1, "fsdp": 1, "tensor": 1})
+    losses, params = run_steps({"data": 2, "fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(losses, single_losses, atol=1e-5)
+    assert single_losses[2] < single_losses[0]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    full, p_full = run_steps({"data": 2, "fsdp": 2, "tensor": 2}, n=2)
+    accum, p_accum = run_steps({"data": 2, "fsdp": 2, "tensor": 2}, n=2, grad_accum=2)
+    np.testing.assert_allclose(accum, full, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(p_accum), jax.tree.leaves(p_full)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process():
+    worker = os.path.join(ROOT, "tests", "distributed_worker.py")
+    env = lambda n: dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, worker, "2", str(i), str(port)], env=env(4), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    multi = json.loads(outs[0][0].strip().splitlines()[-1])
+    one = subprocess.run([sys.executable, worker, "1", "0", "0"], env=env(8), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    single = json.loads(one.stdout.strip().splitlines()[-1])
+    assert multi["processes"] == 2 and single["processes"] == 1 and multi["devices"] == single["devices"] == 8
+    np.testing.assert_allclose(multi["losses"], single["losses"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the full loop on real data
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    return write_synthetic_vqa(str(tmp_path_factory.mktemp("vqa")), num_train=40, num_eval=8, image_size=32)
+
+
+def small_config(vqa, **train):
+    config = lavi_jax.configs.get("configs/demo.py")
+    config.demo.enabled = False
+    config.model.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8)
+    config.model.vision.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, patch_size=8)
+    config.model.projector.pool = 1
+    config.model.conditioner.update(width=16, num_heads=2)
+    config.data.update(train_json=vqa["train_json"], eval_json=vqa["eval_json"], image_root=vqa["image_root"], num_threads=1)
+    config.train.update(num_steps=6, batch_size=8, log_every=1, checkpoint_every=3, warmup_steps=2, **train)
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    return config
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_reproduces_uninterrupted_run(vqa, tmp_path):
+    straight = trainer.train(small_config(vqa), str(tmp_path / "a"))
+    trainer.train(small_config(vqa), str(tmp_path / "b"), stop_at=3)
+    assert sorted(metrics(tmp_path / "b")) == [1, 2, 3]
+    resumed = trainer.train(small_config(vqa), str(tmp_path / "b"))
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(jax.device_get(straight["state"].params)), jax.tree.leaves(jax.device_get(resumed["state"].params))):
+        np.testing.assert_array_equal(a, b)
+    m = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
+    assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(m)
+    assert os.listdir(tmp_path / "a" / "tensorboard")
+    assert 0.0 <= straight["exact_match"] <= 1.0 and straight["eval_examples"] == 8
+
+
+def test_frozen_params_stay_bit_identical(vqa, tmp_path):
+    config = small_config(vqa, trainable="projector+conditioners", num_steps=2, checkpoint_every=2)
+    model = lavi_jax.LaVi(config.model)
+    out = trainer.train(config, str(tmp_path))
+    start = sharding.init_params(model, jax.random.key(config.train.seed), jnp.zeros((1, 8), jnp.int32),
+                                 mesh=sharding.make_mesh(config.mesh.to_dict()))
+    before = traverse_util.flatten_dict(jax.device_get(start))
+    after = traverse_util.flatten_dict(jax.device_get(out["state"].params))
+    patterns = train_lib.trainable_patterns(config.train.trainable)
+    frozen = [k for k in before if not train_lib.is_trainable(k, patterns)]
+    trained = [k for k in before if train_lib.is_trainable(k, patterns)]
+    assert any(k[0] == "vision" for k in frozen) and any(k[0] == "llm" for k in frozen) and trained
+    for k in frozen:
+        np.testing.assert_array_equal(after[k], before[k], err_msg="/".join(k))
+    assert any(not np.array_equal(after[k], before[k]) for k in trained)
+    # Optimizer state exists for the trainable params only (AdamW mu and nu).
+    opt_leaves = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out["state"].opt_state) if x.ndim > 0)
+    assert opt_leaves == 2 * sum(int(np.prod(before[k].shape)) for k in trained)
+
+
+def test_bad_records_are_skipped_and_reported_then_budget_stops_the_run(vqa, tmp_path, capsys):
+    records = json.load(open(vqa["train_json"]))
+    records[1]["image"] = "images/missing.png"
+    records[5]["image"] = "../../etc/passwd"
+    records[7]["conversations"] = []
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps(records))
+    config = small_config(vqa, num_steps=6, checkpoint_every=6)
+    config.data.update(train_json=str(bad_json), max_bad_records=5)
+    config.evals.exact_match = False
+    trainer.train(config, str(tmp_path / "ok"))
+    out = capsys.readouterr().out
+    for rid in (records[1]["id"], records[5]["id"], records[7]["id"]):
+        assert rid in out
+    config.data.max_bad_records = 1
+    with pytest.raises(Exception, match="bad record"):
+        trainer.train(config, str(tmp_path / "over"))
+
+
+def test_dry_run_reports_memory_and_flops_without_training(tmp_path):
+    config = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
+    config.dry_run = True
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    config.train.update(batch_size=8)
+    config.data.seq_buckets = (32,)
+    report = trainer.train(config, str(tmp_path))
+    assert report["devices"] == 8 and report["flops_per_step"] > 0
+    assert 0 < report["params_bytes_per_device"] < sharding.count_params(
+        sharding.abstract_params(lavi_jax.LaVi(config.model), jnp.zeros((1, 8), jnp.int32))[0]) * 4
+    assert not os.path.exists(tmp_path / "checkpoints")
