@@ -12,6 +12,16 @@ is an item with one valid frame). Items without a placeholder in their row are
 ignored. ``attention_mask`` [B, T] marks real tokens; ``position_ids`` default
 to ``cumsum(attention_mask) - 1``.
 
+Cached decoding (see :mod:`lavi_jax.generate`): ``cache`` / ``cache_index`` write
+this chunk's keys and values into a KV cache (``attention_mask`` then covers the
+cache's S keys; for a concat call with ``pixel_values`` it covers the T text
+tokens and the expanded prefix is written at index 0). With the ``visual_cache``
+collection mutable, each conditioner stores its visual keys/values and a concat
+call stores its expanded mask as ``concat_mask`` [B, T_out]; with
+``use_visual_cache=True`` they are read back instead of running the vision tower.
+``item_index`` [B, N] gives the placeholders' cache indices when they are not in
+``input_ids`` (a decode step that recomputes the visual features).
+
 * ``fusion="modulation"``: every modulated RMSNorm of the LLM receives deltas
   from its conditioner; text token t sees item k iff item k's placeholder sits
   at or before t, so interleaved images and cached decoding are causal.
@@ -74,7 +84,7 @@ class LaVi(nn.Module):
         return self.projector(feats.reshape((B, N, F) + feats.shape[1:]))
 
     def __call__(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
-                 cache=None, cache_index=None, use_visual_cache: bool = False):
+                 cache=None, cache_index=None, use_visual_cache: bool = False, item_index=None):
         c = self.config
         B, T = input_ids.shape
         if pixel_values is None and c.fusion != "none" and self.is_initializing():
@@ -84,8 +94,9 @@ class LaVi(nn.Module):
             item_mask = jnp.zeros((B, 1, 1), jnp.bool_)
         if pixel_values is not None and item_mask is None:
             item_mask = jnp.ones(pixel_values.shape[:3], jnp.bool_)
+        concat = c.fusion == "concat" and pixel_values is not None
         if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape if cache is None else (B, cache["k"].shape[2]), jnp.int32)
+            attention_mask = jnp.ones(input_ids.shape if cache is None or concat else (B, cache["k"].shape[2]), jnp.int32)
         start = 0 if cache_index is None else cache_index
         query_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         if position_ids is None:
@@ -93,15 +104,18 @@ class LaVi(nn.Module):
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, query_index=query_index,
                   cache=cache, cache_index=cache_index)
 
-        if c.fusion == "concat" and pixel_values is not None:
+        if concat:
             return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index)
         visual = None
         if c.fusion == "modulation" and use_visual_cache:
             visual = VisualContext(None, None, query_index)
         elif c.fusion == "modulation" and pixel_values is not None:
             tokens, grid = self.encode(pixel_values)
-            pos = item_positions(input_ids, c.image_token_id, pixel_values.shape[1])
-            key_index = jnp.where(item_mask & (pos < NO_ITEM)[:, :, None], pos[:, :, None] + start, NO_ITEM)
+            if item_index is None:
+                pos, offset = item_positions(input_ids, c.image_token_id, pixel_values.shape[1]), start
+            else:
+                pos, offset = item_index, 0
+            key_index = jnp.where(item_mask & (pos < NO_ITEM)[:, :, None], pos[:, :, None] + offset, NO_ITEM)
             visual = VisualContext(tokens, key_index.astype(jnp.int32), query_index, grid)
         return self.llm(input_ids, visual=visual, **kw)
 
@@ -133,7 +147,12 @@ class LaVi(nn.Module):
         placeholder_ok = jnp.take_along_axis(attention_mask.astype(jnp.bool_), jnp.where(present, pos, 0), axis=1)
         embeds = embeds.at[rows[:, :, None], slots].set(visual.astype(embeds.dtype), mode="drop")
         mask = mask.at[rows[:, :, None], slots].set((frame_ok & placeholder_ok[:, :, None]).astype(jnp.int32), mode="drop")
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=default_positions(mask),
+        if self.is_mutable_collection("visual_cache"):
+            self.put_variable("visual_cache", "concat_mask", mask)
+        llm_mask = mask
+        if cache is not None:  # keys past the prefix are later decode steps (hidden by causality here)
+            llm_mask = jnp.pad(mask, ((0, 0), (0, cache["k"].shape[2] - T_out)), constant_values=1)
+        out = self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=default_positions(mask),
                        cache=cache, cache_index=cache_index)
         logits = out[0] if cache is not None else out
         logits = jnp.take_along_axis(logits, end[:, :, None], axis=1)

@@ -1,0 +1,318 @@
+"""Batched generation: one prefill, then a KV-cached decode loop, both compiled once per shape bucket.
+
+    gen = Generator(model, max_new_tokens=64, stop_ids=(eos,))
+    tokens, lengths = gen(params, input_ids, attention_mask, pixel_values, item_mask)
+    # tokens [B, 64] int32; tokens[b, :lengths[b]] is row b's answer (without the stop token)
+
+or the one-shot ``generate(model, params, input_ids, ..., max_new_tokens=64)``.
+
+Padding and positions. Prompts may be padded on either side (``attention_mask``
+marks real tokens). Inside, every row is right-aligned (left-padded) so all rows
+share one cache write index, and the prompt length is rounded up to a bucket
+(``buckets``), so prompts of nearby lengths reuse one compiled program. Position
+ids are ``cumsum(attention_mask) - 1`` as in a full forward: the first real
+token of a row is position 0, and generated token i of a row with n real prompt
+tokens sits at position n + i. The cache holds the prefix (T prompt tokens, or
+for ``fusion="concat"`` the T_out tokens of the prompt with visual tokens
+spliced in) followed by ``max_new_tokens - 1`` decode slots; padding keys are
+masked, so a padded row decodes exactly as it would alone.
+
+Visual inputs. ``fusion="modulation"``: the prefill runs the vision tower once
+and each conditioner stores its visual keys/values (``visual_cache``); every
+decode step reads them back and never touches the pixels. With
+``reuse_visual_cache=False`` each decode step recomputes the visual features
+from the pixels instead (same tokens, for speed comparisons).
+``fusion="concat"``: the visual tokens are part of the cached prefix.
+
+Sampling (:class:`GenerationConfig`): ``temperature=0`` is greedy; otherwise
+logits are divided by the temperature, then restricted to the ``top_k``
+largest and to the smallest set of tokens whose probability reaches ``top_p``.
+A row ends at its first stop token; the rest of the row is ``pad_id``. The
+decode loop is one ``lax.while_loop`` that exits early once every row stopped.
+
+Under a mesh (``with sharding.use_mesh(mesh)``) the batch follows the inputs'
+sharding (batch over the data axes), the KV cache is constrained likewise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lavi_jax import sharding
+from lavi_jax.models.decoder import init_cache
+from lavi_jax.models.lavi import default_positions, item_positions
+
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How the next token is chosen. ``temperature=0``: greedy (``top_k``/``top_p`` unused)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k restriction
+    top_p: float = 1.0  # 1.0: no nucleus restriction
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """Logits outside the ``k`` largest of the last axis set to -inf (ties with the k-th are kept)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_mask(logits: jax.Array, p) -> jax.Array:
+    """Keeps the smallest set of most probable tokens whose probability reaches ``p`` (always the top one)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = -jnp.sort(-probs, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep = mass_before < p
+    keep = keep.at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((probs >= threshold) | (p >= 1.0), logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, rng: jax.Array, greedy: bool, top_k: int, temperature, top_p) -> jax.Array:
+    """[B, V] float logits -> [B] int32 tokens."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / jnp.asarray(temperature, logits.dtype)
+    logits = top_p_mask(top_k_mask(logits, top_k), top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
+    """Smallest bucket >= ``length`` (past the largest: the next multiple of it; no buckets: ``length``)."""
+    if not buckets:
+        return length
+    for b in sorted(buckets):
+        if b >= length:
+            return b
+    top = max(buckets)
+    return -(-length // top) * top
+
+
+def right_align(input_ids: jax.Array, attention_mask: jax.Array, pad_id: int):
+    """Rolls each row so its last real token is in the last column; padding becomes ``pad_id``."""
+    T = input_ids.shape[1]
+    mask = attention_mask.astype(jnp.int32)
+    shift = jnp.argmax(mask[:, ::-1], axis=1)  # padding after the last real token
+    idx = (jnp.arange(T)[None, :] - shift[:, None]) % T
+    ids = jnp.take_along_axis(input_ids, idx, axis=1)
+    mask = jnp.take_along_axis(mask, idx, axis=1)
+    return jnp.where(mask > 0, ids, pad_id).astype(jnp.int32), mask
+
+
+class Generator:
+    """Compiled prefill + decode for one model and one ``max_new_tokens``.
+
+    Programs are cached per (prompt bucket, batch and pixel shapes, greedy,
+    top_k); calls with the same shapes never recompile (``num_traces`` counts
+    tracings, i.e. compilations). ``reuse_visual_cache=False`` makes every
+    decode step recompute the visual features (modulation only).
+    """
+
+    def __init__(self, model, *, max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                 buckets: Sequence[int] | None = DEFAULT_BUCKETS, reuse_visual_cache: bool = True):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        c = model.config
+        if c.fusion != "none" and pad_id == c.image_token_id:
+            raise ValueError("pad_id must differ from image_token_id")
+        self.model = model
+        self.max_new_tokens = int(max_new_tokens)
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.pad_id = int(pad_id)
+        self.buckets = tuple(buckets) if buckets else None
+        self.reuse_visual_cache = bool(reuse_visual_cache)
+        self.num_traces = {"prefill": 0, "decode": 0}
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
+
+    # -- public
+
+    def __call__(self, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, *,
+                 sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
+        """-> (tokens [B, max_new_tokens] int32, lengths [B] int32)."""
+        state = self.prefill(params, input_ids, attention_mask, pixel_values, item_mask)
+        return self.decode(params, state, pixel_values, item_mask, sampling=sampling, rng=rng)
+
+    def prefill(self, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None):
+        """Runs the prompt (and the vision tower) once; returns the decode state."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        extra = bucket_length(input_ids.shape[1], self.buckets) - input_ids.shape[1]
+        if extra:
+            input_ids = jnp.pad(input_ids, ((0, 0), (extra, 0)), constant_values=self.pad_id)
+            attention_mask = jnp.pad(attention_mask, ((0, 0), (extra, 0)))
+        if pixel_values is not None and item_mask is None:
+            item_mask = jnp.ones(pixel_values.shape[:3], jnp.bool_)
+        if self.model.config.fusion == "none":
+            pixel_values = item_mask = None
+        return self._prefill(params, input_ids, attention_mask, pixel_values, item_mask)
+
+    def decode(self, params, state, pixel_values=None, item_mask=None, *,
+               sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
+        """Samples ``max_new_tokens`` from a prefill state (consumed). -> (tokens, lengths)."""
+        if rng is None:
+            rng = jax.random.key(0)
+        if "item_index" in state and not self.reuse_visual_cache and pixel_values is None:
+            raise ValueError("reuse_visual_cache=False: pass the prompt's pixel_values to decode as well")
+        if not self._recompute_visual(pixel_values):
+            pixel_values = item_mask = None
+        elif item_mask is None:
+            item_mask = jnp.ones(pixel_values.shape[:3], jnp.bool_)
+        greedy = sampling.temperature == 0
+        rest = {k: v for k, v in state.items() if k != "cache"}
+        tokens, lengths, _ = self._decode(params, state["cache"], rest, pixel_values, item_mask, rng,
+                                          jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p),
+                                          greedy=greedy, top_k=0 if greedy else int(sampling.top_k))
+        return tokens, lengths
+
+    # -- compiled pieces
+
+    def _recompute_visual(self, pixel_values) -> bool:
+        return pixel_values is not None and self.model.config.fusion == "modulation" and not self.reuse_visual_cache
+
+    def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, item_mask):
+        self.num_traces["prefill"] += 1
+        model, c = self.model, self.model.config
+        ids, mask = right_align(input_ids, attention_mask, self.pad_id)
+        B, T = ids.shape
+        concat = c.fusion == "concat" and pixel_values is not None
+        modulated = c.fusion == "modulation" and pixel_values is not None
+        P = T
+        if concat:  # the expanded prefix length, from the shapes alone
+            P = jax.eval_shape(lambda p: model.apply({"params": p}, ids, pixel_values, item_mask, attention_mask=mask,
+                                                     mutable=["visual_cache"]), params)[1]["visual_cache"]["concat_mask"].shape[1]
+        S = P + self.max_new_tokens - 1
+        cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), init_cache(c.llm, B, S, c.dtype))
+        if concat:
+            (logits, cache), vc = model.apply({"params": params}, ids, pixel_values, item_mask, attention_mask=mask,
+                                              cache=cache, cache_index=0, mutable=["visual_cache"])
+            prefix_mask = vc["visual_cache"]["concat_mask"]
+        else:
+            full = jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1)
+            (logits, cache), vc = model.apply({"params": params}, ids, pixel_values, item_mask, attention_mask=full,
+                                              position_ids=default_positions(mask), cache=cache, cache_index=0,
+                                              mutable=["visual_cache"])
+            prefix_mask = mask
+        state = {
+            "cache": cache,
+            "mask": jnp.pad(prefix_mask.astype(jnp.int32), ((0, 0), (0, S - P)), constant_values=1),
+            "next_position": jnp.sum(prefix_mask, axis=1, dtype=jnp.int32),
+            "logits": logits[:, -1],
+            "visual_cache": vc.get("visual_cache", {}) if modulated and self.reuse_visual_cache else {},
+        }
+        if modulated:
+            state["item_index"] = item_positions(ids, c.image_token_id, pixel_values.shape[1])
+        return state
+
+    def _decode_fn(self, params, cache, state, pixel_values, item_mask, rng, temperature, top_p, *, greedy, top_k):
+        self.num_traces["decode"] += 1
+        model, c = self.model, self.model.config
+        n, stops, pad = self.max_new_tokens, jnp.asarray(self.stop_ids, jnp.int32), self.pad_id
+        B, S = state["mask"].shape
+        P = S - (n - 1)
+        reuse = bool(state["visual_cache"])
+
+        def is_stop(tok):
+            return jnp.isin(tok, stops) if self.stop_ids else jnp.zeros(tok.shape, jnp.bool_)
+
+        def step(tok, cache, i):  # feeds generated token i-1 (cache index P+i-1), returns logits for token i
+            kw = dict(attention_mask=state["mask"], position_ids=(state["next_position"] + i - 1)[:, None],
+                      cache=cache, cache_index=P + i - 1)
+            if reuse:
+                return model.apply({"params": params, "visual_cache": state["visual_cache"]}, tok[:, None],
+                                   use_visual_cache=True, **kw)
+            if pixel_values is not None:
+                # Tie the pixels to the step so the vision tower is not hoisted out of the loop.
+                pix, _ = jax.lax.optimization_barrier((pixel_values, i))
+                return model.apply({"params": params}, tok[:, None], pix, item_mask, item_index=state["item_index"], **kw)
+            return model.apply({"params": params}, tok[:, None], **kw)
+
+        def choose(logits, i):
+            return sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p)
+
+        tok = choose(state["logits"], 0)
+        done = is_stop(tok)
+        out = jnp.full((B, n), pad, jnp.int32).at[:, 0].set(tok)
+        lengths = jnp.where(done, 0, 1).astype(jnp.int32)
+
+        def cond(carry):
+            i, _, _, done, _, _ = carry
+            return (i < n) & ~jnp.all(done)
+
+        def body(carry):
+            i, tok, cache, done, out, lengths = carry
+            logits, cache = step(tok, cache, i)
+            cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), cache)
+            new = jnp.where(done, pad, choose(logits[:, -1], i))
+            stop = is_stop(new) & ~done
+            lengths = jnp.where(done | stop, lengths, i + 1)
+            out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)
+            return i + 1, new, cache, done | stop, out, lengths
+
+        carry = (jnp.int32(1), tok, cache, done, out, lengths)
+        _, _, cache, _, out, lengths = jax.lax.while_loop(cond, body, carry)
+        return out, lengths, cache  # the cache is returned so it is updated in place (donated)
+
+
+# ----------------------------------------------------------------------------- one-shot API and timing
+
+_GENERATORS: dict = {}
+
+
+def generate(model, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, *,
+             max_new_tokens: int, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None,
+             stop_ids: Sequence[int] = (), pad_id: int = 0, reuse_visual_cache: bool = True):
+    """Generates up to ``max_new_tokens`` per row. -> (tokens [B, max_new_tokens] int32, lengths [B] int32).
+
+    ``tokens[b, :lengths[b]]`` is row b's output; a stopped row then holds its
+    stop token and ``pad_id``. Compiled programs are kept per model and settings.
+    """
+    key = (id(model), int(max_new_tokens), tuple(stop_ids), int(pad_id), bool(reuse_visual_cache))
+    if key not in _GENERATORS or _GENERATORS[key][0] is not model:
+        if len(_GENERATORS) >= 32:
+            _GENERATORS.pop(next(iter(_GENERATORS)))
+        _GENERATORS[key] = (model, Generator(model, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                                             reuse_visual_cache=reuse_visual_cache))
+    return _GENERATORS[key][1](params, input_ids, attention_mask, pixel_values, item_mask, sampling=sampling, rng=rng)
+
+
+def measure_speed(generator: Generator, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, *,
+                  repeats: int = 3, sampling: GenerationConfig = GenerationConfig()) -> dict[str, Any]:
+    """Times prefill and decode separately (after a compiling warm-up; best of ``repeats``).
+
+    Returns ``prefill_s``, ``decode_s`` and ``decode_tokens_per_s`` (tokens made
+    by decode steps, all rows, per second; use a generator without stop ids so
+    every row runs ``max_new_tokens``).
+    """
+    def once():
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(generator.prefill(params, input_ids, attention_mask, pixel_values, item_mask))
+        t1 = time.perf_counter()
+        tokens, lengths = jax.block_until_ready(generator.decode(params, state, pixel_values, item_mask, sampling=sampling))
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+    once()
+    prefill_s, decode_s, tokens = min((once() for _ in range(max(1, repeats))), key=lambda r: r[1])
+    steps = tokens.shape[0] * (generator.max_new_tokens - 1)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens_per_s": steps / decode_s,
+            "batch": int(tokens.shape[0]), "max_new_tokens": generator.max_new_tokens}
+
