@@ -10,6 +10,8 @@ clusters). ``--config.dry_run=True`` compiles the step and prints its memory
 and FLOPs per device without allocating weights.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,7 +25,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    if not FLAGS.is_parsed() or FLAGS["verbosity"].using_default_value:
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
     from lavi_jax import distributed
 

@@ -53,7 +53,8 @@ def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool 
 
         handlers["data"] = grain.checkpoint.CheckpointHandler()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           create=not read_only, read_only=read_only)
+                                           create=not read_only, read_only=read_only,
+                                           cleanup_tmp_directories=not read_only)  # partial writes of a killed run
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 

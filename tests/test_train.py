@@ -15,6 +15,7 @@ from flax import traverse_util
 import lavi_jax
 from lavi_jax import sharding, train_lib, trainer
 from lavi_jax.data import write_synthetic_vqa
+from tests.small import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,19 +95,6 @@ def test_two_processes_match_one_process():
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory):
     return write_synthetic_vqa(str(tmp_path_factory.mktemp("vqa")), num_train=40, num_eval=8, image_size=32)
-
-
-def small_config(vqa, **train):
-    config = lavi_jax.configs.get("configs/demo.py")
-    config.demo.enabled = False
-    config.model.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8)
-    config.model.vision.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, patch_size=8)
-    config.model.projector.pool = 1
-    config.model.conditioner.update(width=16, num_heads=2)
-    config.data.update(train_json=vqa["train_json"], eval_json=vqa["eval_json"], image_root=vqa["image_root"], num_threads=1)
-    config.train.update(num_steps=6, batch_size=8, log_every=1, checkpoint_every=3, warmup_steps=2, **train)
-    config.mesh.update(data=2, fsdp=2, tensor=2)
-    return config
 
 
 def metrics(workdir):
