@@ -140,6 +140,8 @@ def experiment(model_config: ConfigDict) -> ConfigDict:
     c.train = train_config()
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: fill with the remaining devices
     c.init = ConfigDict({"checkpoint": "", "hf_llm": "", "hf_vision": ""})  # used when the workdir has no checkpoint
-    c.evals = ConfigDict({"every": 0, "exact_match": True, "batch_size": 0})  # every=0: at the end only
+    # every=0: at the end only. exact_match: teacher-forced exact match on data.eval_json. tasks: benchmark
+    # evaluations by generation (see README, "Evaluating a checkpoint"), e.g. "pope,textvqa".
+    c.evals = ConfigDict({"every": 0, "exact_match": True, "batch_size": 0, "tasks": "", "max_new_tokens": 64, "limit": 0})
     c.dry_run = False
     return c

@@ -214,6 +214,10 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
     records = load_records(config.data.eval_json) if config.data.eval_json else None
     last_log, tokens, pending, final = time.time(), 0.0, None, {}
     cfg_json = checkpoint.config_to_json(config)
+    # Benchmark evals by generation (config.evals.tasks; None without tasks), see lavi_jax/evaluation.py.
+    from lavi_jax import evaluation
+
+    benchmarks = evaluation.training_evals(config, model, mesh, tokenizer, processor, workdir)
 
     def save(step):
         ckpt.save(step, args=ocp.args.Composite(
@@ -244,11 +248,17 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
                 save(done)
             if config.evals.every and done % config.evals.every == 0 and done != c.num_steps and config.data.eval_json:
                 writer.write(done, evaluate_answers(config, model, state.params, mesh, tokenizer, processor, keys, records))
+            if benchmarks and config.evals.every and done % config.evals.every == 0 and done != c.num_steps:
+                writer.write(done, benchmarks(state.params, done))
         if pending is not None:
             _check_finite(pending, c.max_nonfinite, writer)
     ckpt.wait_until_finished()
     if config.data.eval_json and config.evals.exact_match and end == c.num_steps:
         scores = evaluate_answers(config, model, state.params, mesh, tokenizer, processor, keys, records)
+        writer.write(c.num_steps, scores)
+        final.update(scores)
+    if benchmarks and end == c.num_steps:
+        scores = benchmarks(state.params, c.num_steps)
         writer.write(c.num_steps, scores)
         final.update(scores)
     writer.close()

@@ -1,0 +1,62 @@
+"""Evaluate a LaVi checkpoint on benchmarks, data-parallel over every device of every process.
+
+    python eval.py --config configs/demo.py --workdir /tmp/lavi_demo/modulation --config.evals.tasks=llava_json
+    python eval.py --config configs/lavi_qwen2_7b_siglip.py --ckpt /ckpt/lavi7b --out /tmp/lavi7b_eval \\
+        --config.evals.tasks=pope \\
+        --config.evals.pope=questions=/data/pope/llava_pope_test.jsonl,annotations=/data/pope/coco,image_root=/data/coco/val2014
+
+The model, tokenizer and image processor come from the checkpoint (``--ckpt``,
+or the latest checkpoint of ``--workdir``); the config gives the mesh and the
+tasks (``config.evals``, see ``lavi_jax/evaluation.py``). Results go to
+``<out>/<task>.json`` (default ``<workdir>/results``) and a summary table is
+printed. Run the same command on every host of a pod; pass
+--coordinator_address, --num_processes and --process_id where JAX cannot detect
+them (CPU, bare GPU clusters).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is evaluated; results go to <workdir>/results.")
+flags.DEFINE_string("ckpt", None, "A checkpoint (workdir, checkpoint dir or step dir) to evaluate instead of --workdir's.")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("out", None, "Where results/<task>.json files go (default: <workdir>/results, else <ckpt>/results).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+config_flags.DEFINE_config_file("config", None, "Config file, path[:arg].", lock_config=False, accept_new_attributes=True)
+FLAGS = flags.FLAGS
+
+
+def output_dir() -> str:
+    if FLAGS.out:
+        return FLAGS.out
+    if FLAGS.workdir:
+        return os.path.join(FLAGS.workdir, "results")
+    from lavi_jax import checkpoint
+
+    directory = checkpoint.resolve(FLAGS.ckpt)
+    parent = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
+    return os.path.join(parent, "results")
+
+
+def main(argv):
+    del argv
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+        logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+    if not (FLAGS.ckpt or FLAGS.workdir):
+        raise app.UsageError("pass --workdir or --ckpt")
+    from lavi_jax import distributed
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from lavi_jax import evaluation
+
+    evaluation.evaluate_checkpoint(FLAGS.config, FLAGS.ckpt or FLAGS.workdir, output_dir(), step=FLAGS.step)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
