@@ -16,6 +16,20 @@ from lavi_jax import config as C
 
 LLM_TYPES = {"qwen2": "qwen2", "llama": "llama", "mistral": "llama"}
 VISION_TYPES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip", "siglip": "siglip", "clip": "clip"}
+LLAVA_TYPES = ("llava", "llava_onevision")
+
+# transformers' defaults for fields that config.json files may leave out (the
+# nested text_config of LLaVA checkpoints often lists only what differs).
+LLM_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+                    max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  max_position_embeddings=32768),
+}
 
 
 class UnsupportedModel(ValueError):
@@ -35,10 +49,13 @@ def llm_from_hf(hf: dict) -> C.ConfigDict:
     mt = hf.get("model_type")
     if mt not in LLM_TYPES:
         raise UnsupportedModel(f"unsupported LLM model_type {mt!r} (supported: {sorted(LLM_TYPES)})")
+    hf = {**LLM_DEFAULTS[mt], **hf}
     if hf.get("use_sliding_window") or (mt == "mistral" and hf.get("sliding_window")):
         raise UnsupportedModel(f"{mt}: sliding-window attention is not supported (sliding_window={hf.get('sliding_window')})")
     if hf.get("mlp_bias"):
         raise UnsupportedModel(f"{mt}: mlp_bias=True is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"{mt}: hidden_act={hf['hidden_act']!r} is not supported (silu)")
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -138,3 +155,39 @@ def vision_to_hf(cfg: Any) -> dict:
         hidden_act="gelu_pytorch_tanh" if kind == "siglip" else "quick_gelu",
         **({"vision_use_head": False} if kind == "siglip" else {}),
     )
+
+
+def llava_from_hf(hf: dict, **vision_overrides) -> tuple[C.ConfigDict, C.ConfigDict, dict]:
+    """``(llm config, vision config, extras)`` from a LLaVA / LLaVA-OneVision ``config.json``.
+
+    ``vision_feature_layer`` becomes ``vision.feature_layers``; the
+    ``vision_feature_select_strategy`` ``"default"`` (drop the CLS token) maps to
+    ``drop_cls`` for CLIP towers. ``extras`` holds ``image_token_id`` and the
+    source's ``model_type``.
+    """
+    mt = hf.get("model_type")
+    if mt not in LLAVA_TYPES:
+        raise UnsupportedModel(f"unsupported LLaVA model_type {mt!r} (supported: {list(LLAVA_TYPES)})")
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        raise UnsupportedModel(f"{mt}: projector_hidden_act={hf['projector_hidden_act']!r} is not supported (gelu)")
+    if hf.get("multimodal_projector_bias") is False:
+        raise UnsupportedModel(f"{mt}: multimodal_projector_bias=False is not supported")
+    text = dict(hf.get("text_config") or {})
+    text.setdefault("model_type", "llama")
+    if "tie_word_embeddings" in hf:
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    llm = llm_from_hf(text)
+    vis = dict(hf.get("vision_config") or {})
+    vis.setdefault("model_type", "clip_vision_model")
+    layer = hf.get("vision_feature_layer", -2 if mt == "llava" else -1)
+    layers = tuple(int(i) for i in (layer if isinstance(layer, (list, tuple)) else [layer]))
+    strategy = hf.get("vision_feature_select_strategy", "default" if mt == "llava" else "full")
+    if strategy not in ("default", "full"):
+        raise UnsupportedModel(f"{mt}: vision_feature_select_strategy={strategy!r} is not supported (default, full)")
+    kind = VISION_TYPES.get(vis["model_type"])
+    if strategy == "default" and kind == "siglip":
+        raise UnsupportedModel(f"{mt}: vision_feature_select_strategy='default' drops the first SigLIP patch token, "
+                               "which lavi_jax does not model (use 'full')")
+    vision = vision_from_hf(vis, **dict(dict(feature_layers=layers, drop_cls=strategy == "default"), **vision_overrides))
+    image_token_id = hf.get("image_token_id", hf.get("image_token_index", 32000 if mt == "llava" else 151646))
+    return llm, vision, {"image_token_id": int(image_token_id), "model_type": mt}

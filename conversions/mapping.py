@@ -6,25 +6,44 @@ with an HF tensor name and a :class:`Hook` that converts the tensor both ways.
 :class:`Entry` rows, resolving the layer layout: unrolled layers
 (``layers_{i}``) or scanned blocks (``blocks/layers_{j}`` stacked along a
 leading ``layers`` axis at index ``i // k``).
+
+Three tensor families are mapped:
+
+* the LLM (HF ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` names),
+* the vision tower (HF ``SiglipVisionModel`` / ``CLIPVisionModel`` names,
+  relative to the vision transformer),
+* the LaVi-only tensors (projector and conditioners) in the ``lavi/`` export
+  format read by :mod:`conversions.torch_lavi`: ``projector.*`` and, for a
+  modulated HF norm at ``model.layers.{i}.input_layernorm``, its conditioner at
+  ``model.layers.{i}.input_layernorm.conditioner.*`` (``model.norm.conditioner.*``
+  for the final norm, ``shared_conditioner.*`` when one conditioner is shared).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import math
+from typing import Callable, Iterable
 
 import numpy as np
 
-from lavi_jax.models.decoder import scan_block_size
+from lavi_jax.models.decoder import modulated_layers, scan_block_size
 
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-    """Tensor layout change: ``to_jax(hf_tensor, jax_shape)`` and ``to_hf(jax_tensor)``."""
+    """Tensor layout change: ``to_jax(hf_tensor, jax_shape)``, ``to_hf(jax_tensor)`` and ``hf_shape(jax_shape)``.
+
+    ``kind`` tells the reader how to convert a large tensor in row chunks:
+    ``"reshape"`` (``to_jax`` is a reshape), ``"transpose"`` (a 2-D transpose,
+    then a reshape) or ``"other"`` (whole tensor at once).
+    """
 
     name: str
     to_jax: Callable[[np.ndarray, tuple], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple], tuple]
+    kind: str = "other"
 
 
 def linear(n_in: int) -> Hook:
@@ -33,15 +52,18 @@ def linear(n_in: int) -> Hook:
         f"linear{n_in}",
         lambda x, shape: np.ascontiguousarray(x.T).reshape(shape),
         lambda x: np.ascontiguousarray(x.reshape(int(np.prod(x.shape[:n_in])), -1).T),
+        lambda s: (math.prod(s[n_in:]), math.prod(s[:n_in])),
+        "transpose",
     )
 
 
-COPY = Hook("copy", lambda x, shape: x.reshape(shape), lambda x: x)
-FLAT = Hook("flat", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1))
+COPY = Hook("copy", lambda x, shape: x.reshape(shape), lambda x: x, tuple, "reshape")
+FLAT = Hook("flat", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1), lambda s: (math.prod(s),), "reshape")
 CONV = Hook(  # HF Conv2d [out, in, kh, kw] <-> flax Conv [kh, kw, in, out]
     "conv",
     lambda x, shape: np.ascontiguousarray(x.transpose(2, 3, 1, 0)).reshape(shape),
     lambda x: np.ascontiguousarray(x.transpose(3, 2, 0, 1)),
+    lambda s: (s[3], s[2], s[0], s[1]),
 )
 LINEAR, LINEAR2 = linear(1), linear(2)
 
@@ -120,10 +142,33 @@ def vision_rules(cfg) -> list[Rule]:
     return rules
 
 
-def projector_rules() -> list[Rule]:
-    """LLaVA ``multi_modal_projector`` (linear_1, GELU, linear_2)."""
-    return [Rule(f"{n}/{p}", f"multi_modal_projector.{n}.{q}", h)
-            for n in ("linear_1", "linear_2") for p, q, h in (("kernel", "weight", LINEAR), ("bias", "bias", COPY))]
+def projector_rules(cfg=None, hf_prefix: str = "multi_modal_projector.", temporal: bool = False) -> list[Rule]:
+    """The projector's linear layers (LLaVA's ``multi_modal_projector`` by default), plus its temporal embedding."""
+    linears = ("linear_1",) if cfg is not None and cfg.type == "linear" else ("linear_1", "linear_2")
+    rules = [Rule(f"{n}/{p}", f"{hf_prefix}{n}.{q}", h)
+             for n in linears for p, q, h in (("kernel", "weight", LINEAR), ("bias", "bias", COPY))]
+    if temporal and cfg is not None and cfg.temporal_embedding:
+        rules.append(Rule("temporal_embedding", f"{hf_prefix}temporal_embedding", COPY))
+    return rules
+
+
+def conditioner_rules(cfg) -> list[Rule]:
+    """One conditioner's tensors, relative to the conditioner (torch ``nn.Linear`` / ``nn.Conv2d`` names)."""
+    o_proj = [Rule("o_proj/bias", "o_proj.bias", FLAT)]
+    if cfg.type == "attention":
+        return o_proj + [Rule("o_proj/kernel", "o_proj.weight", LINEAR2)] + [
+            Rule(f"{p}/kernel", f"{p}.weight", LINEAR) for p in ("q_proj", "k_proj", "v_proj")]
+    if cfg.type in ("mlp", "conv"):
+        rules = o_proj + [
+            Rule("o_proj/kernel", "o_proj.weight", LINEAR),
+            Rule("x_proj/kernel", "x_proj.weight", LINEAR),
+            Rule("v_proj/kernel", "v_proj.weight", LINEAR),
+            Rule("v_proj/bias", "v_proj.bias", COPY),
+        ]
+        if cfg.type == "conv":
+            rules += [Rule("conv/kernel", "conv.weight", CONV), Rule("conv/bias", "conv.bias", COPY)]
+        return rules
+    raise ValueError(f"unknown conditioner.type {cfg.type!r} (attention | mlp | conv)")
 
 
 # Where each part sits inside the checkpoints users bring: a bare vision model, a
@@ -131,6 +176,7 @@ def projector_rules() -> list[Rule]:
 VISION_PREFIXES = ("", "vision_model.", "model.vision_tower.vision_model.", "vision_tower.vision_model.",
                    "model.vision_tower.", "vision_tower.")
 LLM_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "model.language_model.model.")
+LM_HEAD_PREFIXES = ("", "language_model.")
 PROJECTOR_PREFIXES = ("model.", "")
 
 
@@ -146,11 +192,14 @@ def detect_prefix(names, anchor: str, candidates) -> str | None:
 # ----------------------------------------------------------------------------- expansion
 
 
-def expand(rules: list[Rule], *, num_layers: int, jax_prefix: str = "", hf_prefix: str = "", block: int | None = None) -> list[Entry]:
-    """Concrete entries. ``block`` = layers per scanned block (None: unrolled layers)."""
+def expand(rules: list[Rule], *, num_layers: int, jax_prefix: str = "", hf_prefix: str = "", block: int | None = None,
+           layers: Iterable[int] | None = None) -> list[Entry]:
+    """Concrete entries. ``block`` = layers per scanned block (None: unrolled layers); ``layers``: the
+    layer indices that per-layer rules expand to (default: all)."""
     out = []
+    layers = tuple(range(num_layers) if layers is None else layers)
     for r in rules:
-        indices = range(num_layers) if "{i}" in r.jax else [None]
+        indices = layers if "{i}" in r.jax else [None]
         for i in indices:
             hf = hf_prefix + (r.hf.format(i=i) if i is not None else r.hf)
             if i is None:
@@ -163,15 +212,57 @@ def expand(rules: list[Rule], *, num_layers: int, jax_prefix: str = "", hf_prefi
     return out
 
 
+def _block(model_cfg) -> int | None:
+    cond = model_cfg.conditioner if model_cfg.fusion == "modulation" else None
+    return scan_block_size(cond, model_cfg.llm.num_layers) if model_cfg.scan_layers else None
+
+
 def llm_entries(model_cfg, jax_prefix: str = "llm/", hf_prefix: str = "") -> list[Entry]:
     """Entries for the LLM of a LaVi model config, in its layer layout."""
-    cond = model_cfg.conditioner if model_cfg.fusion == "modulation" else None
-    block = scan_block_size(cond, model_cfg.llm.num_layers) if model_cfg.scan_layers else None
-    return expand(llm_rules(model_cfg.llm), num_layers=model_cfg.llm.num_layers, jax_prefix=jax_prefix, hf_prefix=hf_prefix, block=block)
+    return expand(llm_rules(model_cfg.llm), num_layers=model_cfg.llm.num_layers, jax_prefix=jax_prefix,
+                  hf_prefix=hf_prefix, block=_block(model_cfg))
 
 
 def vision_entries(model_cfg, jax_prefix: str = "vision/", hf_prefix: str = "") -> list[Entry]:
     return expand(vision_rules(model_cfg.vision), num_layers=model_cfg.vision.num_layers, jax_prefix=jax_prefix, hf_prefix=hf_prefix)
+
+
+NORMS = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}  # conditioner.norms -> norm module (same name both sides)
+
+
+def modulated_norms(model_cfg) -> list[str]:
+    """HF module paths of the LLM norms that receive conditioner deltas (in layer order)."""
+    if model_cfg.fusion != "modulation":
+        return []
+    cond = model_cfg.conditioner
+    out = [f"model.layers.{i}.{NORMS[n]}" for i in modulated_layers(cond, model_cfg.llm.num_layers)
+           for n in ("attn", "mlp") if n in cond.norms]
+    return out + (["model.norm"] if cond.final_norm else [])
+
+
+def conditioner_entries(model_cfg) -> list[Entry]:
+    """Entries for every conditioner of a modulation model, in its layer layout."""
+    if model_cfg.fusion != "modulation":
+        return []
+    cond = model_cfg.conditioner
+    rules = conditioner_rules(cond)
+    if cond.shared:
+        return expand(rules, num_layers=0, jax_prefix="llm/shared_conditioner/", hf_prefix="shared_conditioner.")
+    layered = [Rule(f"layers_{{i}}/{NORMS[n]}/conditioner/{r.jax}", f"model.layers.{{i}}.{NORMS[n]}.conditioner.{r.hf}", r.hook)
+               for n in ("attn", "mlp") if n in cond.norms for r in rules]
+    out = expand(layered, num_layers=model_cfg.llm.num_layers, jax_prefix="llm/", block=_block(model_cfg),
+                 layers=modulated_layers(cond, model_cfg.llm.num_layers))
+    if cond.final_norm:
+        out += expand(rules, num_layers=0, jax_prefix="llm/norm/conditioner/", hf_prefix="model.norm.conditioner.")
+    return out
+
+
+def lavi_entries(model_cfg) -> list[Entry]:
+    """The LaVi-only tensors (projector + conditioners) in the ``lavi/`` export format."""
+    if model_cfg.fusion == "none":
+        return []
+    proj = expand(projector_rules(model_cfg.projector, "projector.", temporal=True), num_layers=0, jax_prefix="projector/")
+    return proj + conditioner_entries(model_cfg)
 
 
 def rename(entries: list[Entry], fn: Callable[[str], str]) -> list[Entry]:

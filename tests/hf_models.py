@@ -68,3 +68,54 @@ def clip(path, *, layers=3, seed=0):
 
 def to_torch(x) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x))
+
+
+def llava(path, *, vision="clip", text="llama", layers=2, vocab=300, tie=False, seed=0, onevision=False):
+    """A tiny ``LlavaForConditionalGeneration`` (or ``LlavaOnevisionForConditionalGeneration``); the image token is ``vocab - 1``."""
+    if vision == "clip":
+        vcfg = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=28, patch_size=7)
+        strategy, feature_layer = "default", -2
+    else:
+        vcfg = transformers.SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                               num_attention_heads=4, image_size=32, patch_size=8)
+        strategy, feature_layer = "full", -1
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
+    tcfg = transformers.Qwen2Config(**common) if text == "qwen2" else transformers.LlamaConfig(head_dim=16, **common)
+    kw = dict(vision_config=vcfg, text_config=tcfg, image_token_index=vocab - 1, vision_feature_layer=feature_layer,
+              vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
+    if onevision:
+        model = transformers.LlavaOnevisionForConditionalGeneration(transformers.LlavaOnevisionConfig(**kw))
+    else:
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**kw))
+    model = randomize(model, seed)
+    return save(model, path), model
+
+
+def tokenizer(path, vocab_size=280):
+    """A tiny byte-level BPE tokenizer with a chat template, saved with ``save_pretrained`` (no ``<image>`` token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core.train_from_iterator(["a red circle and a blue square", "describe the image in one word"] * 8,
+                             trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(str(path))
+    return str(path), tok
+
+
+def siglip_full(path, *, seed=0):
+    """A tiny full ``SiglipModel`` (vision and text towers, contrastive head)."""
+    cfg = transformers.SiglipConfig(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100))
+    model = randomize(transformers.SiglipModel(cfg), seed)
+    return save(model, path), model
