@@ -45,9 +45,10 @@ def resolve(path: str) -> str:
 
 
 def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool = True, read_only: bool = False,
-            with_data: bool = False) -> ocp.CheckpointManager:
-    handlers = {"params": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "train_state": ocp.StandardCheckpointHandler()}
+            with_data: bool = False, save_concurrent_gb: int = 96) -> ocp.CheckpointManager:
+    """``save_concurrent_gb`` bounds the host staging copy of a save (at least the largest array)."""
+    handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+                "config": ocp.JsonCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler()}
     if with_data:
         import grain
 
@@ -63,8 +64,12 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def save_params(directory: str, config: ml_collections.ConfigDict, params: Any, step: int = 0) -> str:
-    """Writes ``params`` + ``config`` as step ``step`` of ``directory`` (blocking). Returns the directory."""
-    with manager(directory, async_save=False) as mngr:
+    """Writes ``params`` + ``config`` as step ``step`` of ``directory`` (blocking). Returns the directory.
+
+    Arrays are staged to host a few at a time, so the save adds little host memory beyond the largest array.
+    """
+    largest = max((x.size * x.dtype.itemsize for x in jax.tree.leaves(params)), default=0)
+    with manager(directory, async_save=False, save_concurrent_gb=max(1, -(-largest // 2**30))) as mngr:
         mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                 config=ocp.args.JsonSave(config_to_json(config))))
         mngr.wait_until_finished()
