@@ -161,7 +161,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_co
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-                   "tokens": den, "finite": finite}
+                   "tokens": den, "finite": finite, "nonfinite": new_state.nonfinite}
         return new_state, metrics
 
     return step

@@ -120,7 +120,9 @@ def dry_run(step_fn, abstract_state, shardings, mesh, config, keys) -> dict:
         for k in ("params_bytes_per_device", "opt_state_bytes_per_device", "temp_bytes_per_device",
                   "argument_bytes_per_device", "output_bytes_per_device"):
             print(f"  {k.replace('_bytes_per_device', ''):<12} {gib(report[k])} per device")
-        print(f"  flops/step   {report['flops_per_step']:.3e} ({report['flops_per_step_per_device']:.3e} per device)")
+        print(f"  flops/step   {report['flops_per_step']:.3e} ({report['flops_per_step_per_device']:.3e} per device)"
+              + ("  [scan_layers: XLA counts the scanned layer stack once; use scan_layers=False for the total]"
+                 if config.model.scan_layers else ""))
         print(f"  compiled in {report['compile_seconds']} s")
     return report
 
@@ -233,7 +235,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
             state, metrics = step_fn(state, to_global(local, mesh, keys))
             if pending is not None:  # read the previous step's flag now, keeping one step in flight
                 _check_finite(pending, c.max_nonfinite, writer)
-            pending = (step + 1, metrics["finite"], state.nonfinite)
+            pending = (step + 1, metrics["finite"], metrics["nonfinite"])  # state buffers are donated
             writer.advance()
             done = step + 1
             if done % c.log_every == 0 or done == c.num_steps:

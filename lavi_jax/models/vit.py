@@ -85,7 +85,8 @@ class VisionTower(nn.Module):
             cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vit_embed",)),
                              (c.hidden_size,), self.param_dtype)
             h = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (h.shape[0], 1, c.hidden_size)), h], axis=1)
-        pos = self.param("position_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "vit_embed")),
+        pos_std = c.hidden_size**-0.5 if c.type == "siglip" else 0.02  # the HF initialisations
+        pos = self.param("position_embedding", nn.with_logical_partitioning(nn.initializers.normal(pos_std), (None, "vit_embed")),
                          (n_pos, c.hidden_size), self.param_dtype)
         if h.shape[1] != n_pos:
             raise ValueError(f"vision tower expects {c.image_size}x{c.image_size} images, got {pixels.shape[1:3]}")
