@@ -257,10 +257,11 @@ class Decoder(nn.Module):
             if self.scan_layers:
                 raise ValueError("conditioner.shared=True is not supported with scan_layers=True")
             shared = Conditioner(self.cond, features=c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="shared_conditioner")
-        block_cls = Block
+        block_cls, layer_cls = Block, DecoderLayer
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan_layers)
+            layer_cls = nn.remat(DecoderLayer, policy=policy)
         if self.scan_layers:
             k = scan_block_size(self.cond, c.num_layers)
             self.blocks = nn.scan(
@@ -273,7 +274,7 @@ class Decoder(nn.Module):
             )(c, tuple(conds[:k]), self.dtype, self.param_dtype, name="blocks")
         else:
             self.layers = [
-                DecoderLayer(c, conds[i], self.dtype, self.param_dtype, shared=shared, name=f"layers_{i}")
+                layer_cls(c, conds[i], self.dtype, self.param_dtype, shared=shared, name=f"layers_{i}")
                 for i in range(c.num_layers)
             ]
         final_cond = self.cond if (self.cond is not None and self.cond.final_norm) else None
