@@ -1,0 +1,179 @@
+"""Reproduces LaVi's efficiency claims with this code and measures it against Hugging Face PyTorch.
+
+    python benchmarks/run.py [--quick] [--gpu] [--threads 2] [--name NAME]
+
+Sections (CPU run; ``--gpu`` runs only the GPU sections):
+
+1. FLOPs per sample at 7B geometry (LaVi vs LLaVA-OV-style concat) from XLA's cost analysis on
+   abstract shapes, for 729 / 2,916 / 7,290 visual tokens and a 32-frame video (``benchmarks/flops.py``);
+2. generation latency and peak memory, LaVi vs concat, at a scaled-down geometry with the same
+   visual-token counts (``benchmarks/latency.py``);
+3. lavi_jax vs Hugging Face PyTorch on the same Qwen2 weights, float32, same threads (``benchmarks/vs_torch.py``);
+4. a train step's achieved FLOP/s against a matmul peak measured in the same run (``benchmarks/train_efficiency.py``);
+5. ``--gpu``: MFU of a Qwen2-0.5B-shaped train step and LaVi vs concat latency at 7B geometry in bf16.
+
+Prints one table, writes ``benchmarks/results/<name>.json`` and ``<name>.png`` and rebuilds
+``BENCHMARKS.md`` from every result file of this suite. ``--quick`` reads the FLOPs from the lowered
+programs (compiled ones in the full run), measures two visual-token counts and fewer repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer settings and repetitions (under 15 minutes on 2 cores)")
+    p.add_argument("--gpu", action="store_true", help="the GPU sections (needs a GPU visible to jax)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for XLA and PyTorch alike (CPU run)")
+    p.add_argument("--name", default=None, help="result name (default: cpu[-quick] or gpu[-quick])")
+    p.add_argument("--no-markdown", action="store_true", help="do not rebuild BENCHMARKS.md")
+    return p.parse_args(argv)
+
+
+def configure_environment(args) -> None:
+    """Threads and platform, before jax or torch is imported."""
+    if args.gpu:
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the CPU sections measure the CPU even where a GPU is present
+    # Same thread count on both sides: pin the process to `threads` cores (XLA sizes its pool from the
+    # schedulable cores) and tell Eigen and torch the same number.
+    cores = sorted(os.sched_getaffinity(0))
+    if args.threads < len(cores):
+        os.sched_setaffinity(0, cores[: args.threads])
+    # One CPU device (a forced host device count would split the cores into several devices).
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags += ["--xla_cpu_multi_thread_eigen=true", f"intra_op_parallelism_threads={args.threads}"]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    # OpenMP threads that sleep when idle instead of spinning: on a shared machine spinning threads wait for
+    # preempted peers at every barrier and make PyTorch several times slower than its work warrants.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def machine() -> dict:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    d = jax.devices()[0]
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": _memory_gib(), "platform": d.platform,
+            "device": getattr(d, "device_kind", str(d)), "python": platform.python_version(), "jax": jax.__version__}
+    for mod in ("flax", "torch", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def _memory_gib() -> float:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        return float("nan")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+def run_cpu(args) -> dict:
+    import torch
+
+    from benchmarks import common, flops, latency, train_efficiency, vs_torch
+
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    out = {}
+    flop_settings = dict((k, common.SETTINGS[k]) for k in (common.HEADLINE_SETTINGS if quick else common.SETTINGS))
+    log(f"[1/4] FLOPs per sample at 7B geometry ({'lowered' if quick else 'compiled'} programs)")
+    out["flops"] = flops.run(flop_settings, compiled=not quick, log=log)
+    log("[2/4] generation latency and memory, scaled-down geometry")
+    lat = {k: common.SETTINGS[k] for k in (("1 tile", "4 tiles") if quick else ("1 tile", "4 tiles", "10 tiles"))}
+    configs = {f: common.model_config(f, scaled=True) for f in ("modulation", "concat")}
+    out["latency"] = latency.run(configs, lat, reps=3 if quick else 5, log=log)
+    log("[3/4] lavi_jax vs Hugging Face PyTorch")
+    out["vs_torch"] = vs_torch.run(reps=5 if quick else 9, log=log)
+    log("[4/4] train step efficiency")
+    out["train"] = train_efficiency.run(common.model_config("modulation", scaled=True), batch=4, seq=128, frames=1,
+                                        reps=3 if quick else 5, log=log)
+    return out
+
+
+def run_gpu(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import common, latency, train_efficiency
+    from lavi_jax import config as C
+
+    quick = args.quick
+    out = {}
+    log("[1/2] MFU of a Qwen2-0.5B-shaped train step (bf16 compute, f32 params)")
+    m = C.model(fusion="none", llm=C.llm(**common.QWEN2_05B), dtype="bfloat16", param_dtype="float32")
+    out["train"] = train_efficiency.run(m, batch=8, seq=1024, frames=0, reps=5 if quick else 10, matmul_n=8192,
+                                        matmul_dtype=jnp.bfloat16, log=log)
+    log("[2/2] LaVi vs concat generation latency at 7B geometry, bf16")
+    names = ("1 tile", "4 tiles", "10 tiles") + (() if quick else ("32-frame video",))
+    configs = {f: common.model_config(f, dtype="bfloat16") for f in ("modulation", "concat")}
+    out["latency"] = latency.run(configs, {k: common.SETTINGS[k] for k in names}, reps=3 if quick else 5, log=log)
+    stats = jax.devices()[0].memory_stats() or {}
+    out["device_memory_gib"] = round(stats.get("bytes_limit", 0) / 2**30, 1)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_environment(args)
+    sys.path.insert(0, ROOT)
+    import jax
+
+    if args.gpu and jax.devices()[0].platform != "gpu":
+        print(f"--gpu: no GPU visible to jax (devices: {jax.devices()}). Run it on a machine with an NVIDIA GPU "
+              "and a CUDA-enabled jax (see jax's installation guide), or run without --gpu.", file=sys.stderr)
+        return 2
+    from benchmarks import report
+
+    name = args.name or ("gpu" if args.gpu else "cpu") + ("-quick" if args.quick else "")
+    command = "python benchmarks/run.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    t0 = time.time()
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    load0 = os.getloadavg()[0]
+    sections = run_gpu(args) if args.gpu else run_cpu(args)
+    result = {
+        "suite": report.SUITE, "name": name, "date": started, "command": command, "quick": args.quick,
+        "threads": None if args.gpu else args.threads, "machine": machine(), "elapsed_s": round(time.time() - t0, 1),
+        "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)], **sections,
+    }
+    result["rows"] = report.rows(result)
+    os.makedirs(RESULTS, exist_ok=True)
+    path = report.write_json(result, RESULTS)
+    plot = report.plot(result, RESULTS)
+    print(report.table(result["rows"]))
+    log(f"wrote {os.path.relpath(path, ROOT)}" + (f" and {os.path.relpath(plot, ROOT)}" if plot else ""))
+    if not args.no_markdown:
+        md = report.write_markdown(RESULTS, os.path.join(ROOT, "BENCHMARKS.md"))
+        log(f"rebuilt {os.path.relpath(md, ROOT)}")
+    log(f"done in {result['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
