@@ -52,6 +52,10 @@ def vision(**overrides) -> ConfigDict:
     # before post-layernorm). Several indices are concatenated along features.
     c.feature_layers = (-2,)
     c.drop_cls = True  # CLIP only: drop the CLS token from the features
+    # Initial position embeddings of a randomly initialised tower: "normal" (HF's
+    # initialisation) or "sincos2d" (fixed 2-D sin-cos values, as big_vision's
+    # from-scratch ViTs; still trained). Imported weights replace either.
+    c.posemb_init = "normal"
     c.update(overrides)
     return c
 

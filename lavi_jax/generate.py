@@ -202,15 +202,16 @@ class Generator:
                                                      mutable=["visual_cache"]), params)[1]["visual_cache"]["concat_mask"].shape[1]
         S = P + self.max_new_tokens - 1
         cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), init_cache(c.llm, B, S, c.dtype))
+        last = jnp.full((B, 1), T - 1, jnp.int32)  # prompts are right-aligned: logits of the last token only
         if concat:
             (logits, cache), vc = model.apply({"params": params}, ids, pixel_values, item_mask, attention_mask=mask,
-                                              cache=cache, cache_index=0, mutable=["visual_cache"])
+                                              cache=cache, cache_index=0, logits_at=last, mutable=["visual_cache"])
             prefix_mask = vc["visual_cache"]["concat_mask"]
         else:
             full = jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1)
             (logits, cache), vc = model.apply({"params": params}, ids, pixel_values, item_mask, attention_mask=full,
                                               position_ids=default_positions(mask), cache=cache, cache_index=0,
-                                              mutable=["visual_cache"])
+                                              logits_at=last, mutable=["visual_cache"])
             prefix_mask = mask
         state = {
             "cache": cache,

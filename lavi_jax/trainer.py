@@ -127,16 +127,8 @@ def dry_run(step_fn, abstract_state, shardings, mesh, config, keys) -> dict:
     return report
 
 
-def evaluate_answers(config, model, params, mesh, tokenizer, processor, keys, records=None) -> dict:
-    """Held-out exact match: every assistant token (answer and end-of-turn) is the model's argmax.
-
-    Teacher-forced, so it equals exact match under greedy decoding with the
-    end-of-turn token as stop, at the cost of one forward per batch.
-    """
-    from lavi_jax.data import make_eval_iterator
-
-    bs = config.evals.batch_size or config.train.batch_size
-    it = make_eval_iterator(config.data, tokenizer, processor, batch_size=max(bs // jax.process_count(), 1))
+def exact_match_scorer(model):
+    """``correct(params, batch) -> [B] bool``, jitted: every target token is the argmax."""
 
     @jax.jit
     def correct(params, batch):
@@ -146,6 +138,21 @@ def evaluate_answers(config, model, params, mesh, tokenizer, processor, keys, re
         need = batch["loss_mask"][:, 1:] > 0
         return jnp.all(hit | ~need, axis=1) & jnp.any(need, axis=1)
 
+    return correct
+
+
+def evaluate_answers(config, model, params, mesh, tokenizer, processor, keys, records=None, scorer=None) -> dict:
+    """Held-out exact match: every assistant token (answer and end-of-turn) is the model's argmax.
+
+    Teacher-forced, so it equals exact match under greedy decoding with the
+    end-of-turn token as stop, at the cost of one forward per batch. Pass the
+    same ``scorer`` (:func:`exact_match_scorer`) to repeated calls to compile once.
+    """
+    from lavi_jax.data import make_eval_iterator
+
+    bs = config.evals.batch_size or config.train.batch_size
+    it = make_eval_iterator(config.data, tokenizer, processor, batch_size=max(bs // jax.process_count(), 1))
+    correct = scorer or exact_match_scorer(model)
     indices, oks = [], []
     with sharding.use_mesh(mesh):
         for batch in it:
@@ -220,6 +227,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
     from lavi_jax import evaluation
 
     benchmarks = evaluation.training_evals(config, model, mesh, tokenizer, processor, workdir)
+    scorer = exact_match_scorer(model)
 
     def save(step):
         ckpt.save(step, args=ocp.args.Composite(
@@ -249,14 +257,14 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
             if done % c.checkpoint_every == 0 or done == end:
                 save(done)
             if config.evals.every and done % config.evals.every == 0 and done != c.num_steps and config.data.eval_json:
-                writer.write(done, evaluate_answers(config, model, state.params, mesh, tokenizer, processor, keys, records))
+                writer.write(done, evaluate_answers(config, model, state.params, mesh, tokenizer, processor, keys, records, scorer))
             if benchmarks and config.evals.every and done % config.evals.every == 0 and done != c.num_steps:
                 writer.write(done, benchmarks(state.params, done))
         if pending is not None:
             _check_finite(pending, c.max_nonfinite, writer)
     ckpt.wait_until_finished()
     if config.data.eval_json and config.evals.exact_match and end == c.num_steps:
-        scores = evaluate_answers(config, model, state.params, mesh, tokenizer, processor, keys, records)
+        scores = evaluate_answers(config, model, state.params, mesh, tokenizer, processor, keys, records, scorer)
         writer.write(c.num_steps, scores)
         final.update(scores)
     if benchmarks and end == c.num_steps:

@@ -498,6 +498,31 @@ def test_synthetic_set_is_deterministic_and_correct(tmp_path):
             assert answer == observed[shape][0 if record["question_type"] == "colour" else 1]
 
 
+def test_synthetic_multi_turn_training_records(tmp_path):
+    paths = D.write_synthetic_vqa(str(tmp_path), num_train=30, num_eval=9, seed=1, train_turns=4)
+    for record in json.loads(open(paths["train_json"]).read()):
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 4
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+        observed = {s["shape"]: s for s in record["scene"]}
+        kinds = []
+        for question, answer in zip(turns[::2], turns[1::2]):
+            q, a = question["value"], answer["value"]
+            if "How many" in q:
+                kinds.append("count")
+                assert a == synthetic.NUMBERS[len(observed) - 1]
+            else:
+                shape = observed[next(s for s in synthetic.SHAPES if s in q)]
+                kinds.append("colour" if "colour" in q else "side")
+                assert a == shape[kinds[-1]]
+        assert sorted(kinds[:3]) == sorted(synthetic.QUESTION_TYPES)  # every kind before any repeats
+        assert record["question_type"] == kinds[-1] and record["answer"] == turns[-1]["value"]
+    held_out = json.loads(open(paths["eval_json"]).read())
+    assert all(len(r["conversations"]) == 2 for r in held_out)
+    with pytest.raises(ValueError, match="train_turns"):
+        D.write_synthetic_vqa(str(tmp_path / "x"), num_train=1, num_eval=1, train_turns=0)
+
+
 def test_synthetic_answers_are_balanced():
     rng = np.random.default_rng(0)
     answers = {kind: [] for kind in synthetic.QUESTION_TYPES}

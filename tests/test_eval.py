@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import lavi_jax
-from lavi_jax import checkpoint, evaluation, sharding, trainer
+from lavi_jax import checkpoint, evaluation, evaluators, sharding, trainer
 from lavi_jax.data import write_synthetic_vqa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +128,7 @@ def test_predictions_equal_generation_of_each_sample_alone(setup, runs):
     runner, params, (llava, _) = runs[1]
     tokenizer, root = runner.tokenizer, setup["paths"]["image_root"]
     gen = runner.generator(MAX_NEW)
-    samples = evaluation.LlavaJsonEvaluator().load(setup["paths"]["eval_json"], image_root=root)
+    samples = evaluators.LlavaJsonEvaluator().load(setup["paths"]["eval_json"], image_root=root)
     by_id = {r["id"]: r for r in llava["per_sample"]}
     put = lambda x: jax.device_put(x, sharding.batch_sharding(runner.mesh, x.ndim))
     for s in samples[:3]:

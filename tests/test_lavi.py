@@ -136,6 +136,19 @@ def test_concat_and_modulation_run_on_the_same_batch(frames):
         assert np.isfinite(np.asarray(outs[fusion])).all()
 
 
+@pytest.mark.parametrize("fusion,overrides", [("modulation", {"conditioner.final_norm": True}), ("concat", {}), ("none", {})])
+def test_logits_at_selects_positions_of_the_full_forward(fusion, overrides):
+    cfg = tiny(fusion=fusion, **overrides)
+    ids, pix, mask = batch(cfg)
+    params = perturb_conditioners(init(cfg, ids))
+    apply = jax.jit(lavi_jax.LaVi(cfg).apply)
+    full = np.asarray(apply({"params": params}, ids, pix, mask))
+    at = jnp.asarray([[15, 2, 9], [0, 9, 4]], jnp.int32)  # before, at and after placeholders, unsorted
+    some = np.asarray(apply({"params": params}, ids, pix, mask, logits_at=at))
+    assert some.shape == (2, 3, cfg.llm.vocab_size)
+    np.testing.assert_allclose(some, np.take_along_axis(full, np.asarray(at)[:, :, None], axis=1), atol=1e-5, rtol=0)
+
+
 def test_concat_splices_visual_tokens_in_place_of_placeholders():
     cfg = tiny(fusion="concat")
     ids, pix, mask = batch(cfg, frames=2)
@@ -207,3 +220,24 @@ def test_sharded_init_places_params_in_shards():
     q = params["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]  # (embed, heads, head_dim)
     assert q.sharding.spec[:2] == ("fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (cfg.llm.hidden_size // 2, cfg.llm.num_heads // 2, cfg.llm.head_dim)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_sincos2d_position_embedding_init(kind):
+    from lavi_jax.models.vit import VisionTower, sincos2d
+
+    cfg = tiny(**{"vision.type": kind, "vision.posemb_init": "sincos2d"}).vision
+    pix = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    pos = np.asarray(nn.unbox(VisionTower(cfg).init(jax.random.key(0), pix)["params"])["position_embedding"])
+    side, width = cfg.image_size // cfg.patch_size, cfg.hidden_size
+    table = np.asarray(sincos2d(side, width)).reshape(side, side, width)  # [row, column, width]
+    np.testing.assert_array_equal(pos[-side * side:], table.reshape(-1, width))
+    if kind == "clip":
+        np.testing.assert_array_equal(pos[0], 0)  # the CLS position
+    half = width // 2  # first half encodes the column, second half the row; sin^2 + cos^2 = 1 per frequency
+    np.testing.assert_allclose(table[:, 3, :half], np.broadcast_to(table[0, 3, :half], (side, half)))
+    np.testing.assert_allclose(table[2, :, half:], np.broadcast_to(table[2, 0, half:], (side, half)))
+    q = width // 4
+    np.testing.assert_allclose(table[..., :q] ** 2 + table[..., q:half] ** 2, 1, atol=1e-6)
+    assert len({tuple(np.round(v, 5)) for v in table.reshape(-1, width)}) == side * side
+

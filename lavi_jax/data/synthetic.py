@@ -12,6 +12,11 @@ Shape count, colours and sides are drawn uniformly and independently of the
 wording, so the text alone predicts no better than the majority answer of
 each kind (1/6, 1/3 and 1/2). Records carry ``question_type``, ``answer`` and
 the drawn ``scene`` for evaluation. Output is deterministic given the seed.
+
+With ``train_turns`` > 1 each training image gets a multi-turn conversation of
+that many questions (kinds in random order, one of each before any repeats),
+as in LLaVA's instruction data; held-out records always ask one question.
+``question_type`` / ``answer`` then describe the last turn.
 """
 
 from __future__ import annotations
@@ -96,33 +101,40 @@ def make_question(rng: np.random.Generator, scene: list[dict[str, Any]], kind: s
     return template.format(shape=target["shape"]), answer
 
 
-def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size: int) -> list[dict[str, Any]]:
-    """Draws and saves the images of one split; returns its LLaVA records."""
+def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size: int,
+               turns: int = 1) -> list[dict[str, Any]]:
+    """Draws and saves the images of one split; returns its LLaVA records (``turns`` questions each)."""
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i in range(num_records):
         scene = make_scene(rng, image_size)
-        kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        question, answer = make_question(rng, scene, kind)
+        if turns == 1:
+            kinds = [QUESTION_TYPES[i % len(QUESTION_TYPES)]]
+        else:
+            kinds = [QUESTION_TYPES[k] for k in np.concatenate(
+                [rng.permutation(len(QUESTION_TYPES)) for _ in range(-(-turns // len(QUESTION_TYPES)))])[:turns]]
+        conversation = []
+        for kind in kinds:
+            question, answer = make_question(rng, scene, kind)
+            prefix = "<image>\n" if not conversation else ""
+            conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
         name = f"images/{split}-{i:05d}.png"
         draw_scene(scene, image_size).save(os.path.join(out_dir, name))
         records.append({
             "id": f"{split}-{i:05d}",
             "image": name,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-            "question_type": kind,
-            "answer": answer,
+            "conversations": conversation,
+            "question_type": kinds[-1],
+            "answer": conversation[-1]["value"],
             "scene": scene,
         })
     return records
 
 
 def write_synthetic_vqa(
-    out_dir: str, num_train: int = 3000, num_eval: int = 300, seed: int = 0, image_size: int = 64
+    out_dir: str, num_train: int = 3000, num_eval: int = 300, seed: int = 0, image_size: int = 64,
+    train_turns: int = 1,
 ) -> dict[str, str]:
     """Writes ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
 
@@ -134,8 +146,10 @@ def write_synthetic_vqa(
         "eval_json": os.path.join(out_dir, "eval.json"),
         "image_root": out_dir,
     }
-    for split, count in (("train", num_train), ("eval", num_eval)):
-        records = make_split(out_dir, split, count, seed, image_size)
+    if train_turns < 1:
+        raise ValueError(f"train_turns must be at least 1, got {train_turns}")
+    for split, count, turns in (("train", num_train, train_turns), ("eval", num_eval, 1)):
+        records = make_split(out_dir, split, count, seed, image_size, turns)
         with open(paths[f"{split}_json"], "w") as f:
             json.dump(records, f, indent=1)
     return paths

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lavi_jax.evaluators import common, multiple_choice, vqa, yes_no
+from lavi_jax.evaluators import common, llava_json, multiple_choice, vqa, yes_no
 from lavi_jax.evaluators.common import (OPTION_LETTER_PROMPT, OPTION_LETTER_PROMPT_CN,
                                         SHORT_ANSWER_PROMPT, Evaluator)
+from lavi_jax.evaluators.llava_json import LlavaJsonEvaluator
 from lavi_jax.evaluators.multiple_choice import MultipleChoiceEvaluator, extract_choice
 from lavi_jax.evaluators.vqa import VQAEvaluator, normalize_answer, vqa_soft_accuracy
 from lavi_jax.evaluators.yes_no import MMEEvaluator, POPEEvaluator, extract_yes_no
@@ -42,6 +43,7 @@ _REGISTRY: dict[str, Callable[..., Evaluator]] = {
     "mvbench": lambda **kw: _MC(**{"name": "mvbench", "format": "mvbench", **kw}),
     "videomme": lambda **kw: _MC(**{"name": "videomme", "format": "videomme",
                                     "breakdown_keys": ("category", "duration", "domain"), **kw}),
+    "llava_json": lambda **kw: LlavaJsonEvaluator(**kw),
     "pope": lambda **kw: POPEEvaluator(**{"name": "pope", **kw}),
     "mme": lambda **kw: MMEEvaluator(**{"name": "mme", **kw}),
 }
@@ -65,7 +67,7 @@ def register(name: str, factory: Callable[..., Evaluator]) -> None:
     _REGISTRY[name.lower()] = factory
 
 
-__all__ = ["Evaluator", "MMEEvaluator", "MultipleChoiceEvaluator", "OPTION_LETTER_PROMPT",
+__all__ = ["Evaluator", "LlavaJsonEvaluator", "MMEEvaluator", "MultipleChoiceEvaluator", "OPTION_LETTER_PROMPT",
            "OPTION_LETTER_PROMPT_CN", "POPEEvaluator", "SHORT_ANSWER_PROMPT", "VQAEvaluator",
-           "common", "extract_choice", "extract_yes_no", "get", "multiple_choice", "names",
+           "common", "extract_choice", "extract_yes_no", "get", "llava_json", "multiple_choice", "names",
            "normalize_answer", "register", "vqa", "vqa_soft_accuracy", "yes_no"]

@@ -183,3 +183,8 @@ def breakdown(rows: Sequence[dict], key: str, value: Callable[[dict], float]) ->
         if row.get(key) is not None:
             groups[str(row[key])].append(value(row))
     return {k: mean(v) for k, v in sorted(groups.items())}
+
+
+def as_list(value) -> list:
+    """None -> [], a string -> [it], any other iterable -> a list."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)

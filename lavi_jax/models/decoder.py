@@ -237,7 +237,8 @@ class Decoder(nn.Module):
     (S = T, or the cache length when decoding); ``query_index`` [B, T] is each
     query's index in that key sequence (default ``arange(T)``). ``cache`` is
     ``{"k", "v"}`` with a leading layer axis [L, B, S, K, D]; the updated cache is
-    returned when given.
+    returned when given. ``logits_at`` [B, T'] (indices into the T queries)
+    computes the final norm and the head only at those positions.
     """
 
     cfg: Any
@@ -285,10 +286,9 @@ class Decoder(nn.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
 
-
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                  query_index=None, visual: VisualContext | None = None, cache=None, cache_index=None,
-                 return_hidden: bool = False):
+                 logits_at=None, return_hidden: bool = False):
         c = self.cfg
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         h = sharding.constrain(h, ("batch", "length", "embed"))
@@ -320,6 +320,10 @@ class Decoder(nn.Module):
                 caches.append(nc)
             if cache is not None:
                 new_cache = jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
+            if visual is not None:
+                visual = visual.replace(query_index=jnp.take_along_axis(visual.query_index, logits_at, axis=1))
         h = self.norm(h, visual)
         if c.tie_word_embeddings:
             logits = self.embed_tokens.attend(h)

@@ -21,6 +21,8 @@ call stores its expanded mask as ``concat_mask`` [B, T_out]; with
 ``use_visual_cache=True`` they are read back instead of running the vision tower.
 ``item_index`` [B, N] gives the placeholders' cache indices when they are not in
 ``input_ids`` (a decode step that recomputes the visual features).
+``logits_at`` [B, T'] returns logits only at those text positions (the final
+norm and LM head run on T' tokens), e.g. the last prompt token when prefilling.
 
 * ``fusion="modulation"``: every modulated RMSNorm of the LLM receives deltas
   from its conditioner; text token t sees item k iff item k's placeholder sits
@@ -84,7 +86,7 @@ class LaVi(nn.Module):
         return self.projector(feats.reshape((B, N, F) + feats.shape[1:]))
 
     def __call__(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
-                 cache=None, cache_index=None, use_visual_cache: bool = False, item_index=None):
+                 cache=None, cache_index=None, use_visual_cache: bool = False, item_index=None, logits_at=None):
         c = self.config
         B, T = input_ids.shape
         if pixel_values is None and c.fusion != "none" and self.is_initializing():
@@ -105,7 +107,7 @@ class LaVi(nn.Module):
                   cache=cache, cache_index=cache_index)
 
         if concat:
-            return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index)
+            return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at)
         visual = None
         if c.fusion == "modulation" and use_visual_cache:
             visual = VisualContext(None, None, query_index)
@@ -117,9 +119,9 @@ class LaVi(nn.Module):
                 pos, offset = item_index, 0
             key_index = jnp.where(item_mask & (pos < NO_ITEM)[:, :, None], pos[:, :, None] + offset, NO_ITEM)
             visual = VisualContext(tokens, key_index.astype(jnp.int32), query_index, grid)
-        return self.llm(input_ids, visual=visual, **kw)
+        return self.llm(input_ids, visual=visual, logits_at=logits_at, **kw)
 
-    def _concat(self, input_ids, pixel_values, item_mask, attention_mask, cache, cache_index):
+    def _concat(self, input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at):
         """LLaVA-style: splice each item's visual tokens in place of its placeholder."""
         c = self.config
         B, T = input_ids.shape
@@ -152,8 +154,6 @@ class LaVi(nn.Module):
         llm_mask = mask
         if cache is not None:  # keys past the prefix are later decode steps (hidden by causality here)
             llm_mask = jnp.pad(mask, ((0, 0), (0, cache["k"].shape[2] - T_out)), constant_values=1)
-        out = self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=default_positions(mask),
-                       cache=cache, cache_index=cache_index)
-        logits = out[0] if cache is not None else out
-        logits = jnp.take_along_axis(logits, end[:, :, None], axis=1)
-        return (logits, out[1]) if cache is not None else logits
+        at = end if logits_at is None else jnp.take_along_axis(end, logits_at, axis=1)  # text -> expanded positions
+        return self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=default_positions(mask),
+                        cache=cache, cache_index=cache_index, logits_at=at)

@@ -11,6 +11,7 @@ token is dropped when ``cfg.drop_cls``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +39,32 @@ def _layer_norm(cfg, name, dtype, param_dtype):
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("vit_embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vit_embed",)),
     )
+
+
+def sincos2d(side: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+    """[side * side, width] fixed 2-D sin-cos position embeddings, row-major like the patch order."""
+    if width % 4:
+        raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+    y, x = jnp.meshgrid(jnp.arange(side, dtype=jnp.float32), jnp.arange(side, dtype=jnp.float32), indexing="ij")
+    omega = 1.0 / temperature ** (jnp.arange(width // 4, dtype=jnp.float32) / (width // 4))
+    angles = [coord.reshape(-1, 1) * omega[None] for coord in (x, y)]
+    return jnp.concatenate([f(a) for a in angles for f in (jnp.sin, jnp.cos)], axis=1)
+
+
+def _posemb_init(c):
+    kind = c.get("posemb_init", "normal")
+    if kind == "normal":
+        return nn.initializers.normal(c.hidden_size**-0.5 if c.type == "siglip" else 0.02)  # the HF initialisations
+    if kind != "sincos2d":
+        raise ValueError(f"unknown vision.posemb_init {kind!r} (normal | sincos2d)")
+
+    def init(key, shape, dtype=jnp.float32):
+        table = sincos2d(math.isqrt(num_patches(c)), shape[1])
+        if shape[0] > table.shape[0]:  # CLIP's CLS position
+            table = jnp.concatenate([jnp.zeros((shape[0] - table.shape[0], shape[1])), table])
+        return table.astype(dtype)
+
+    return init
 
 
 class EncoderLayer(nn.Module):
@@ -85,8 +112,7 @@ class VisionTower(nn.Module):
             cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vit_embed",)),
                              (c.hidden_size,), self.param_dtype)
             h = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (h.shape[0], 1, c.hidden_size)), h], axis=1)
-        pos_std = c.hidden_size**-0.5 if c.type == "siglip" else 0.02  # the HF initialisations
-        pos = self.param("position_embedding", nn.with_logical_partitioning(nn.initializers.normal(pos_std), (None, "vit_embed")),
+        pos = self.param("position_embedding", nn.with_logical_partitioning(_posemb_init(c), (None, "vit_embed")),
                          (n_pos, c.hidden_size), self.param_dtype)
         if h.shape[1] != n_pos:
             raise ValueError(f"vision tower expects {c.image_size}x{c.image_size} images, got {pixels.shape[1:3]}")
