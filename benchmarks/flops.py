@@ -5,8 +5,9 @@ answered with 32 new tokens, run exactly as :class:`lavi_jax.generate.Generator`
 runs it:
 
 * prefill: ``Generator.prefill`` lowered on ``ShapeDtypeStruct`` params and
-  inputs; its output is the first new token's logits. It includes the vision
-  tower and projector, and the KV cache of ``prefix + 31`` slots.
+  inputs; its output is the first new token's logits (the LM head runs at the
+  last prompt position only). It includes the vision tower and projector, and
+  the KV cache of ``prefix + 31`` slots.
 * decode: one cached decode step (the ``model.apply`` of Generator's decode loop,
   LaVi reading its conditioners' visual K/V from ``visual_cache``) lowered at
   the same cache length, times 31. Every step attends over the whole
@@ -73,9 +74,6 @@ def measure_fusion(fusion: str, frames_list, compiled: bool = True, log=print) -
             prefill, step = prefill.compile(), step.compile()
         f_pre, f_step = common.flops_of(prefill), common.flops_of(step)
         prefix = S - steps
-        llm = m.llm
-        # Logits the concat prefill computes at visual positions (it keeps only the text positions' logits).
-        visual_logits = 2.0 * llm.hidden_size * llm.vocab_size * (prefix - common.PROMPT_LEN) * B
         out[frames] = {
             "visual_tokens": frames * common.TILE_TOKENS,
             "llm_sequence": prefix,
@@ -83,7 +81,6 @@ def measure_fusion(fusion: str, frames_list, compiled: bool = True, log=print) -
             "decode_step_flops": f_step,
             "decode_steps": steps,
             "total_flops": f_pre + steps * f_step,
-            "visual_position_logits_flops": visual_logits if fusion == "concat" else 0.0,
             "params_bytes": common.tree_bytes(params),
             "kv_cache_bytes": common.tree_bytes(state["cache"]),
             "seconds": round(time.time() - t0, 1),
@@ -103,14 +100,12 @@ def run(settings: dict[str, int], compiled: bool = True, log=print) -> dict:
     rows = {}
     for name, frames in settings.items():
         lavi, concat = per["modulation"][frames], per["concat"][frames]
-        adj = concat["total_flops"] - concat["visual_position_logits_flops"]
         rows[name] = {
             "frames": frames,
             "visual_tokens": lavi["visual_tokens"],
             "lavi": lavi,
             "concat": concat,
             "reduction_pct": 100.0 * (1.0 - lavi["total_flops"] / concat["total_flops"]),
-            "reduction_pct_if_text_logits_only": 100.0 * (1.0 - lavi["total_flops"] / adj),
         }
         if compiled:
             rows[name]["memory_ratio"] = lavi["peak_bytes"] / concat["peak_bytes"]

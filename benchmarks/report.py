@@ -206,9 +206,10 @@ def findings(r: dict) -> list[str]:
                        + ", ".join(f"{x:.2f}" for x in marginal["lavi"]) + " GFLOP (flat: vision tower and conditioner "
                        "keys/values grow linearly), concat " + ", ".join(f"{x:.1f}" for x in marginal["concat"])
                        + " GFLOP (rising: every visual token runs through the LLM, whose attention is quadratic).")
-        adj = ", ".join(f"{x['reduction_pct_if_text_logits_only']:.1f} %" for x in s)
-        out.append("The concat prefill computes LM-head logits at the visual positions too and keeps only the text "
-                   f"positions'; without that work the reductions would be {adj}.")
+        if any("reduction_pct_if_text_logits_only" in x for x in s):  # results from before logits_at
+            adj = ", ".join(f"{x['reduction_pct_if_text_logits_only']:.1f} %" for x in s)
+            out.append("The concat prefill computes LM-head logits at the visual positions too and keeps only the text "
+                       f"positions'; without that work the reductions would be {adj}.")
         mem = [x for x in s if "memory_ratio" in x]
         if mem:
             out.append("7B peak memory (f32, XLA) LaVi/concat: " + ", ".join(

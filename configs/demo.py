@@ -31,7 +31,8 @@ def get_config(arg: str = ""):
                         clip_grad_norm=1.0, trainable="all", log_every=50, checkpoint_every=400, keep_checkpoints=1)
     config.evals.batch_size = 100
     config.demo = C.ConfigDict({"enabled": True, "fusions": ("modulation", "none"), "num_train": 6000,
-                                "num_eval": 300, "image_size": 64, "seed": 0})
+                                "num_eval": 300, "image_size": 64, "seed": 0, "train_turns": 1,
+                                "train_kinds": ("colour", "count", "side")})
     if arg == "quick":  # a smoke run for tests
         config.train.update(num_steps=20, log_every=5, checkpoint_every=10)
         config.demo.update(num_train=64, num_eval=24)

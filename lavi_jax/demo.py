@@ -19,14 +19,26 @@ def majority_rate(records) -> float:
     return sum(c.most_common(1)[0][1] for c in by_kind.values()) / max(len(records), 1)
 
 
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def run(config, workdir: str) -> dict:
     from lavi_jax import trainer
-    from lavi_jax.data import load_records, write_synthetic_vqa
+    from lavi_jax.data import load_records, synthetic, write_synthetic_vqa
 
     d = config.demo
     data_dir = os.path.join(workdir, "data")
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(data_dir, "eval.json")):
-        write_synthetic_vqa(data_dir, num_train=d.num_train, num_eval=d.num_eval, seed=d.seed, image_size=d.image_size)
+    spec = {"num_train": d.num_train, "num_eval": d.num_eval, "seed": d.seed, "image_size": d.image_size,
+            "train_turns": d.get("train_turns", 1), "train_kinds": list(d.get("train_kinds", synthetic.QUESTION_TYPES))}
+    if jax.process_index() == 0 and _read_json(os.path.join(data_dir, "spec.json")) != spec:
+        write_synthetic_vqa(data_dir, **dict(spec, train_kinds=tuple(spec["train_kinds"])))
+        with open(os.path.join(data_dir, "spec.json"), "w") as f:
+            json.dump(spec, f)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

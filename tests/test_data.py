@@ -498,29 +498,36 @@ def test_synthetic_set_is_deterministic_and_correct(tmp_path):
             assert answer == observed[shape][0 if record["question_type"] == "colour" else 1]
 
 
-def test_synthetic_multi_turn_training_records(tmp_path):
-    paths = D.write_synthetic_vqa(str(tmp_path), num_train=30, num_eval=9, seed=1, train_turns=4)
+@pytest.mark.parametrize("kinds", [synthetic.QUESTION_TYPES, synthetic.QUESTION_TYPES + ("shape",)])
+def test_synthetic_multi_turn_training_records(tmp_path, kinds):
+    paths = D.write_synthetic_vqa(str(tmp_path), num_train=30, num_eval=9, seed=1, train_turns=5, train_kinds=kinds)
     for record in json.loads(open(paths["train_json"]).read()):
         turns = record["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * 4
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 5
         assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
-        observed = {s["shape"]: s for s in record["scene"]}
-        kinds = []
+        by_shape = {s["shape"]: s for s in record["scene"]}
+        by_colour = {s["colour"]: s for s in record["scene"]}
+        asked = []
         for question, answer in zip(turns[::2], turns[1::2]):
             q, a = question["value"], answer["value"]
             if "How many" in q:
-                kinds.append("count")
-                assert a == synthetic.NUMBERS[len(observed) - 1]
+                asked.append("count")
+                assert a == synthetic.NUMBERS[len(by_shape) - 1]
+            elif "What shape" in q or "Which shape" in q:
+                asked.append("shape")
+                assert a == by_colour[next(c for c in synthetic.COLOURS if c in q)]["shape"]
             else:
-                shape = observed[next(s for s in synthetic.SHAPES if s in q)]
-                kinds.append("colour" if "colour" in q else "side")
-                assert a == shape[kinds[-1]]
-        assert sorted(kinds[:3]) == sorted(synthetic.QUESTION_TYPES)  # every kind before any repeats
-        assert record["question_type"] == kinds[-1] and record["answer"] == turns[-1]["value"]
+                shape = by_shape[next(s for s in synthetic.SHAPES if s in q)]
+                asked.append("colour" if "colour" in q else "side")
+                assert a == shape[asked[-1]]
+        assert sorted(asked[:len(kinds)]) == sorted(kinds)  # every kind before any repeats
+        assert record["question_type"] == asked[-1] and record["answer"] == turns[-1]["value"]
     held_out = json.loads(open(paths["eval_json"]).read())
-    assert all(len(r["conversations"]) == 2 for r in held_out)
+    assert all(len(r["conversations"]) == 2 and r["question_type"] in synthetic.QUESTION_TYPES for r in held_out)
     with pytest.raises(ValueError, match="train_turns"):
         D.write_synthetic_vqa(str(tmp_path / "x"), num_train=1, num_eval=1, train_turns=0)
+    with pytest.raises(ValueError, match="train_kinds"):
+        D.write_synthetic_vqa(str(tmp_path / "y"), num_train=1, num_eval=1, train_turns=2, train_kinds=("size",))
 
 
 def test_synthetic_answers_are_balanced():

@@ -167,3 +167,25 @@ def test_dry_run_reports_memory_and_flops_without_training(tmp_path):
     assert 0 < report["params_bytes_per_device"] < sharding.count_params(
         sharding.abstract_params(lavi_jax.LaVi(config.model), jnp.zeros((1, 8), jnp.int32))[0]) * 4
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    """The README's main-job command on the quick variant: data written, both fusions trained and scored."""
+    env = dict(os.environ, LAVI_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/demo.py:quick"),
+           "--workdir", str(tmp_path)]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "held-out exact match on" in out.stdout and "modulation" in out.stdout and "none" in out.stdout
+    results = json.load(open(tmp_path / "demo_results.json"))
+    spec = json.load(open(tmp_path / "data" / "spec.json"))
+    records = json.load(open(tmp_path / "data" / "train.json"))
+    assert len(records) == spec["num_train"]
+    assert all(len(r["conversations"]) == 2 * spec["train_turns"] for r in records)
+    assert 0 < results["majority_rate"] < 1
+    for fusion in ("modulation", "none"):
+        r = results["results"][fusion]
+        assert r["eval_examples"] == spec["num_eval"] and 0 <= r["exact_match"] <= 1
+        assert {"exact_match/colour", "exact_match/count", "exact_match/side"} <= set(r)
+        assert os.path.isdir(tmp_path / fusion / "checkpoints")

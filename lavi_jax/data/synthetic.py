@@ -14,8 +14,12 @@ each kind (1/6, 1/3 and 1/2). Records carry ``question_type``, ``answer`` and
 the drawn ``scene`` for evaluation. Output is deterministic given the seed.
 
 With ``train_turns`` > 1 each training image gets a multi-turn conversation of
-that many questions (kinds in random order, one of each before any repeats),
-as in LLaVA's instruction data; held-out records always ask one question.
+that many questions (kinds from ``train_kinds`` in random order, one of each
+before any repeats), as in LLaVA's instruction data; held-out records always
+ask one question of the three kinds above. ``train_kinds`` may add
+
+* shape: "What shape is red?" -> "circle" | "square" | "triangle"
+
 ``question_type`` / ``answer`` then describe the last turn.
 """
 
@@ -39,11 +43,15 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 NUMBERS = ("one", "two", "three")
-QUESTION_TYPES = ("colour", "count", "side")
+QUESTION_TYPES = ("colour", "count", "side")  # the held-out kinds
+EXTRA_TYPES = ("shape",)
+SIZE_RANGE = (20, 28)  # shape extent, % of the image side
+MAX_PER_SIDE = 3  # may be added to training conversations
 _TEMPLATES = {
     "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
     "count": ("How many shapes are there?", "How many shapes are in the image?"),
     "side": ("Is the {shape} on the left or the right?", "Which side is the {shape} on, left or right?"),
+    "shape": ("What shape is {colour}?", "Which shape is {colour}?"),
 }
 
 
@@ -54,12 +62,16 @@ def make_scene(rng: np.random.Generator, image_size: int = 64) -> list[dict[str,
     count = int(rng.integers(1, 4))
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:count]]
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:count]]
-    sides = [("left", "right")[int(rng.integers(2))] for _ in range(count)]
+    while True:  # at most MAX_PER_SIDE shapes per half (each side stays equally likely for every shape)
+        sides = [("left", "right")[int(rng.integers(2))] for _ in range(count)]
+        if max(sides.count("left"), sides.count("right")) <= MAX_PER_SIDE:
+            break
     half, margin = image_size // 2, max(1, image_size // 32)
+    lo, hi = SIZE_RANGE
     while True:  # rejection-sample positions; attributes stay as drawn
         boxes = []
         for side in sides:
-            extent = int(rng.integers(image_size * 20 // 100, image_size * 28 // 100 + 1))
+            extent = int(rng.integers(image_size * lo // 100, image_size * hi // 100 + 1))
             low = margin if side == "left" else half + margin
             x0 = int(rng.integers(low, low + half - 2 * margin - extent + 1))
             y0 = int(rng.integers(margin, image_size - margin - extent + 1))
@@ -97,25 +109,29 @@ def make_question(rng: np.random.Generator, scene: list[dict[str, Any]], kind: s
     if kind == "count":
         return template, NUMBERS[len(scene) - 1]
     target = scene[int(rng.integers(len(scene)))]
+    if kind == "shape":
+        return template.format(colour=target["colour"]), target["shape"]
     answer = target["colour"] if kind == "colour" else target["side"]
     return template.format(shape=target["shape"]), answer
 
 
 def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size: int,
-               turns: int = 1) -> list[dict[str, Any]]:
+               turns: int = 1, kinds: tuple[str, ...] = QUESTION_TYPES) -> list[dict[str, Any]]:
     """Draws and saves the images of one split; returns its LLaVA records (``turns`` questions each)."""
+    if turns == 1 and tuple(kinds) != QUESTION_TYPES:
+        raise ValueError(f"single-question records ask {QUESTION_TYPES} in turn; other kinds need turns > 1")
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i in range(num_records):
         scene = make_scene(rng, image_size)
         if turns == 1:
-            kinds = [QUESTION_TYPES[i % len(QUESTION_TYPES)]]
+            asked = [QUESTION_TYPES[i % len(QUESTION_TYPES)]]
         else:
-            kinds = [QUESTION_TYPES[k] for k in np.concatenate(
-                [rng.permutation(len(QUESTION_TYPES)) for _ in range(-(-turns // len(QUESTION_TYPES)))])[:turns]]
+            asked = [kinds[k] for k in np.concatenate(
+                [rng.permutation(len(kinds)) for _ in range(-(-turns // len(kinds)))])[:turns]]
         conversation = []
-        for kind in kinds:
+        for kind in asked:
             question, answer = make_question(rng, scene, kind)
             prefix = "<image>\n" if not conversation else ""
             conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
@@ -125,7 +141,7 @@ def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size
             "id": f"{split}-{i:05d}",
             "image": name,
             "conversations": conversation,
-            "question_type": kinds[-1],
+            "question_type": asked[-1],
             "answer": conversation[-1]["value"],
             "scene": scene,
         })
@@ -134,7 +150,7 @@ def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size
 
 def write_synthetic_vqa(
     out_dir: str, num_train: int = 3000, num_eval: int = 300, seed: int = 0, image_size: int = 64,
-    train_turns: int = 1,
+    train_turns: int = 1, train_kinds: tuple[str, ...] = QUESTION_TYPES,
 ) -> dict[str, str]:
     """Writes ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
 
@@ -148,8 +164,11 @@ def write_synthetic_vqa(
     }
     if train_turns < 1:
         raise ValueError(f"train_turns must be at least 1, got {train_turns}")
-    for split, count, turns in (("train", num_train, train_turns), ("eval", num_eval, 1)):
-        records = make_split(out_dir, split, count, seed, image_size, turns)
+    unknown = set(train_kinds) - set(QUESTION_TYPES + EXTRA_TYPES)
+    if unknown or not train_kinds:
+        raise ValueError(f"train_kinds {tuple(train_kinds)}: each must be one of {QUESTION_TYPES + EXTRA_TYPES}")
+    for split, count, turns, kinds in (("train", num_train, train_turns, tuple(train_kinds)), ("eval", num_eval, 1, QUESTION_TYPES)):
+        records = make_split(out_dir, split, count, seed, image_size, turns, kinds)
         with open(paths[f"{split}_json"], "w") as f:
             json.dump(records, f, indent=1)
     return paths
