@@ -1,6 +1,6 @@
 """Reproduces LaVi's efficiency claims with this code and measures it against Hugging Face PyTorch.
 
-    python benchmarks/run.py [--quick] [--gpu] [--threads 2] [--name NAME]
+    python benchmarks/run.py [--quick] [--gpu] [--threads 2] [--name NAME] [--sections flops,latency,vs_torch,train]
 
 Sections (CPU run; ``--gpu`` runs only the GPU sections):
 
@@ -27,6 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+CPU_SECTIONS = ("flops", "latency", "vs_torch", "train")
 
 
 def parse_args(argv=None):
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="CPU threads for XLA and PyTorch alike (CPU run)")
     p.add_argument("--name", default=None, help="result name (default: cpu[-quick] or gpu[-quick])")
     p.add_argument("--no-markdown", action="store_true", help="do not rebuild BENCHMARKS.md")
+    p.add_argument("--sections", default=",".join(CPU_SECTIONS),
+                   help=f"comma-separated CPU sections to run (default: all of {', '.join(CPU_SECTIONS)})")
     return p.parse_args(argv)
 
 
@@ -101,19 +104,27 @@ def run_cpu(args) -> dict:
 
     torch.set_num_threads(args.threads)
     quick = args.quick
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = set(sections) - set(CPU_SECTIONS)
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)} (known: {', '.join(CPU_SECTIONS)})")
     out = {}
-    flop_settings = dict((k, common.SETTINGS[k]) for k in (common.HEADLINE_SETTINGS if quick else common.SETTINGS))
-    log(f"[1/4] FLOPs per sample at 7B geometry ({'lowered' if quick else 'compiled'} programs)")
-    out["flops"] = flops.run(flop_settings, compiled=not quick, log=log)
-    log("[2/4] generation latency and memory, scaled-down geometry")
-    lat = {k: common.SETTINGS[k] for k in (("1 tile", "4 tiles") if quick else ("1 tile", "4 tiles", "10 tiles"))}
-    configs = {f: common.model_config(f, scaled=True) for f in ("modulation", "concat")}
-    out["latency"] = latency.run(configs, lat, reps=3 if quick else 5, log=log)
-    log("[3/4] lavi_jax vs Hugging Face PyTorch")
-    out["vs_torch"] = vs_torch.run(reps=5 if quick else 9, log=log)
-    log("[4/4] train step efficiency")
-    out["train"] = train_efficiency.run(common.model_config("modulation", scaled=True), batch=4, seq=128, frames=1,
-                                        reps=3 if quick else 5, log=log)
+    if "flops" in sections:
+        flop_settings = dict((k, common.SETTINGS[k]) for k in (common.HEADLINE_SETTINGS if quick else common.SETTINGS))
+        log(f"[flops] FLOPs per sample at 7B geometry ({'lowered' if quick else 'compiled'} programs)")
+        out["flops"] = flops.run(flop_settings, compiled=not quick, log=log)
+    if "latency" in sections:
+        log("[latency] generation latency and memory, scaled-down geometry")
+        lat = {k: common.SETTINGS[k] for k in (("1 tile", "4 tiles") if quick else ("1 tile", "4 tiles", "10 tiles"))}
+        configs = {f: common.model_config(f, scaled=True) for f in ("modulation", "concat")}
+        out["latency"] = latency.run(configs, lat, reps=3 if quick else 5, log=log)
+    if "vs_torch" in sections:
+        log("[vs_torch] lavi_jax vs Hugging Face PyTorch")
+        out["vs_torch"] = vs_torch.run(reps=5 if quick else 9, log=log)
+    if "train" in sections:
+        log("[train] train step efficiency")
+        out["train"] = train_efficiency.run(common.model_config("modulation", scaled=True), batch=4, seq=128, frames=1,
+                                            reps=3 if quick else 5, log=log)
     return out
 
 

@@ -20,14 +20,14 @@ def get_config(arg: str = ""):
                   num_kv_heads=2, head_dim=24, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
                   attention_bias=True, max_position_embeddings=512),
         vision=C.vision(type="siglip", hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
-                        image_size=64, patch_size=8, layer_norm_eps=1e-6, feature_layers=(-1,)),
+                        image_size=64, patch_size=8, layer_norm_eps=1e-6, feature_layers=(-1,), posemb_init="sincos2d"),
         projector=C.projector(type="mlp2x_gelu", pool=1, max_frames=1),
         conditioner=C.conditioner(type="attention", width=64, num_heads=4, final_norm=True),
     )
     config = C.experiment(model)
     config.data.update(tokenizer="byte", processor="siglip", image_size=64, seq_buckets=(64,), max_images=1,
                        num_frames=1, num_threads=2)
-    config.train.update(num_steps=1500, batch_size=16, learning_rate=2e-3, warmup_steps=100, weight_decay=0.0,
+    config.train.update(num_steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
                         clip_grad_norm=1.0, trainable="all", log_every=50, checkpoint_every=400, keep_checkpoints=1)
     config.evals.batch_size = 100
     config.demo = C.ConfigDict({"enabled": True, "fusions": ("modulation", "none"), "num_train": 6000,

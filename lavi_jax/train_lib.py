@@ -4,7 +4,8 @@
   param paths (``config.train.trainable``); frozen params receive no gradient,
   carry no optimizer state and stay bit-identical.
 * AdamW with linear warmup + cosine decay and global-norm clipping; gradient
-  accumulation over ``config.train.grad_accum`` micro-batches.
+  accumulation over ``config.train.grad_accum`` micro-batches. ``config.train.lr_mults``
+  scales the learning rate of the params whose path matches a regex (first match wins).
 * Loss: next-token cross entropy on assistant tokens (``loss_mask`` aligned to
   target positions), averaged over the global batch's target tokens.
 * A step whose loss or gradient norm is not finite leaves params and optimizer
@@ -46,6 +47,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.clip_grad_norm = 1.0
     c.trainable = "projector+conditioners"  # a STAGES key, or comma-separated regexes over param paths
+    c.lr_mults = ()  # ((regex, multiplier), ...): per-param learning-rate factors, first match wins
     c.seed = 0
     c.log_every = 10
     c.checkpoint_every = 500
@@ -108,11 +110,35 @@ def learning_rate_schedule(c: ml_collections.ConfigDict) -> Callable:
         decay_steps=max(c.num_steps, c.warmup_steps + 1), end_value=c.learning_rate * c.end_lr_fraction)
 
 
+def lr_multiplier(name: str, lr_mults) -> float:
+    return next((float(m) for pattern, m in lr_mults if re.search(pattern, name)), 1.0)
+
+
+def scale_by_path(lr_mults) -> optax.GradientTransformation:
+    """Multiplies each update by the ``lr_mults`` factor of its param path (1 where none matches)."""
+    lr_mults = tuple((str(p), float(m)) for p, m in lr_mults)
+    for pattern, _ in lr_mults:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"train.lr_mults: {pattern!r} is not a valid regex: {e}")
+
+    def update(updates, state, params=None):
+        def scale(path, u):
+            m = lr_multiplier("/".join(str(getattr(k, "key", k)) for k in path), lr_mults)
+            return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
     decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # no decay on norms and biases
     return optax.chain(
         optax.clip_by_global_norm(c.clip_grad_norm) if c.clip_grad_norm else optax.identity(),
         optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),
+        scale_by_path(c.get("lr_mults", ())) if c.get("lr_mults") else optax.identity(),
     )
 
 

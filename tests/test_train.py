@@ -189,3 +189,26 @@ def test_demo_command_runs_end_to_end(tmp_path):
         assert r["eval_examples"] == spec["num_eval"] and 0 <= r["exact_match"] <= 1
         assert {"exact_match/colour", "exact_match/count", "exact_match/side"} <= set(r)
         assert os.path.isdir(tmp_path / fusion / "checkpoints")
+
+
+def test_lr_mults_scale_the_updates_of_matching_params():
+    c = train_lib.train_config(learning_rate=1e-2, warmup_steps=1, num_steps=10, clip_grad_norm=0.0, weight_decay=0.1)
+    params = {"vision": {"w": jnp.ones((3, 2))}, "projector": {"b": jnp.ones((2,))}, "llm": {"w": jnp.full((2, 2), 2.0)}}
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
+
+    def updates(mults):
+        c.lr_mults = mults
+        tx = train_lib.make_optimizer(c)
+        state = tx.init(params)
+        for _ in range(2):
+            u, state = tx.update(grads, state, params)
+        return u
+
+    base = updates(())
+    scaled = updates(((r"^vision/", 3.0), (r"^(vision|projector)/", 0.0)))  # first match wins
+    np.testing.assert_allclose(scaled["vision"]["w"], 3.0 * base["vision"]["w"], rtol=1e-6)
+    np.testing.assert_array_equal(scaled["projector"]["b"], 0.0)
+    np.testing.assert_array_equal(scaled["llm"]["w"], base["llm"]["w"])
+    assert np.abs(base["vision"]["w"]).min() > 0
+    with pytest.raises(ValueError, match="lr_mults"):
+        updates(((r"(", 2.0),))
