@@ -135,11 +135,13 @@ def scale_by_path(lr_mults) -> optax.GradientTransformation:
 
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
     decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # no decay on norms and biases
-    return optax.chain(
+    parts = [
         optax.clip_by_global_norm(c.clip_grad_norm) if c.clip_grad_norm else optax.identity(),
         optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),
-        scale_by_path(c.get("lr_mults", ())) if c.get("lr_mults") else optax.identity(),
-    )
+    ]
+    if c.get("lr_mults"):  # appended only when set, so the optimizer state of existing checkpoints keeps its layout
+        parts.append(scale_by_path(c.lr_mults))
+    return optax.chain(*parts)
 
 
 # ----------------------------------------------------------------------------- loss and step
