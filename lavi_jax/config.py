@@ -82,7 +82,7 @@ def conditioner(**overrides) -> ConfigDict:
     c.params = ("scale", "shift")  # affine parameters receiving deltas
     c.every = 1  # modulate layers offset, offset+every, ...
     c.offset = 0
-    c.layers = None  # explicit list of modulated layer indices (overrides every/offset)
+    c.layers = ()  # explicit modulated layer indices, e.g. (0, 4, 8); empty: every/offset
     c.shared = False  # one conditioner for every modulated norm instead of one per norm
     c.conv_kernel = 3  # conv conditioner only: spatial kernel over each frame's token grid
     c.update(overrides)

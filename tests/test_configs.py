@@ -50,3 +50,39 @@ def test_full_size_parameter_counts_match_hf(path):
         assert 0 < counts["conditioners"] < 0.1 * counts["llm"]
     else:
         assert counts["conditioners"] == 0
+
+
+def _leaves(config, prefix=""):
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("path", CONFIGS + ["configs/demo.py"])
+def test_every_setting_can_be_overridden_from_the_command_line(path):
+    """config_flags cannot override a None-valued field, so no default may be None."""
+    config = lavi_jax.configs.get(path)
+    exempt = {"model.llm.rope_scaling"}  # a dict copied from the HF config by the importer, not a command-line value
+    nones = [name for name, value in _leaves(config)
+             if value is None and name.startswith(("model.", "train.")) and name not in exempt]
+    assert not nones, f"{path}: None defaults cannot be set with --config.X=...: {nones}"
+
+
+def test_explicit_conditioner_layers_from_the_command_line():
+    import subprocess
+    import sys
+
+    code = ("from absl import flags; from ml_collections import config_flags; import sys;"
+            "config_flags.DEFINE_config_file('config', None, lock_config=False);"
+            "flags.FLAGS(sys.argv);"
+            "from lavi_jax.models.decoder import modulated_layers as m; c = flags.FLAGS.config.model;"
+            "print(m(c.conditioner, c.llm.num_layers))")
+    out = subprocess.run([sys.executable, "-c", code, "--config", "configs/demo.py",
+                          "--config.model.conditioner.layers=(0,2)"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(0, 2)"
+    from lavi_jax.models.decoder import modulated_layers
+
+    assert modulated_layers(lavi_jax.configs.get("configs/demo.py").model.conditioner, 3) == (0, 1, 2)

@@ -44,7 +44,7 @@ def modulated_layers(cond: Any, num_layers: int) -> tuple[int, ...]:
     """Indices of decoder layers whose norms are modulated (empty when ``cond`` is None)."""
     if cond is None:
         return ()
-    if cond.layers is not None:
+    if cond.layers:  # an explicit list; empty or None: every/offset
         layers = tuple(sorted(int(i) for i in cond.layers))
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
@@ -58,7 +58,7 @@ def scan_block_size(cond: Any, num_layers: int) -> int:
     layers = modulated_layers(cond, num_layers)
     if not layers or len(layers) == num_layers:
         return 1
-    period = int(cond.every) if cond.layers is None else 0
+    period = 0 if cond.layers else int(cond.every)
     regular = period > 0 and cond.offset < period and num_layers % period == 0
     if not regular:
         raise ValueError(
