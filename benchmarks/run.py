@@ -39,7 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--no-markdown", action="store_true", help="do not rebuild BENCHMARKS.md")
     p.add_argument("--sections", default=",".join(CPU_SECTIONS),
                    help=f"comma-separated CPU sections to run (default: all of {', '.join(CPU_SECTIONS)})")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = {x.strip() for x in args.sections.split(",") if x.strip()} - set(CPU_SECTIONS)
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)} (known: {', '.join(CPU_SECTIONS)})")
+    return args
 
 
 def configure_environment(args) -> None:
@@ -105,9 +109,6 @@ def run_cpu(args) -> dict:
     torch.set_num_threads(args.threads)
     quick = args.quick
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    unknown = set(sections) - set(CPU_SECTIONS)
-    if unknown:
-        raise SystemExit(f"--sections: unknown {sorted(unknown)} (known: {', '.join(CPU_SECTIONS)})")
     out = {}
     if "flops" in sections:
         flop_settings = dict((k, common.SETTINGS[k]) for k in (common.HEADLINE_SETTINGS if quick else common.SETTINGS))

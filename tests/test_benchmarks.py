@@ -1,0 +1,36 @@
+"""Benchmark plumbing: argument checks and the report built from stored result files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def test_unknown_section_is_rejected_before_any_work():
+    out = subprocess.run([sys.executable, "benchmarks/run.py", "--sections", "flops,bogus", "--no-markdown"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "bogus" in out.stderr and "flops, latency, vs_torch, train" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["cpu-flops", "cpu"])
+def test_report_rows_and_findings_from_stored_results(name):
+    with open(os.path.join(RESULTS, f"{name}.json")) as f:
+        r = json.load(f)
+    rows = report.rows(r)
+    flops = [row for row in rows if row[0].startswith("FLOPs / sample")]
+    assert len(flops) == len(r["flops"]["settings"])
+    for row, s in zip(flops, sorted(r["flops"]["settings"].values(), key=lambda s: s["visual_tokens"])):
+        assert f"{-s['reduction_pct']:.1f} %" in row
+    text = "\n".join(report.findings(r))
+    assert "FLOPs reduction:" in text
+    # Results measured before the prefill computed logits at text positions only explain the difference.
+    old = any("reduction_pct_if_text_logits_only" in s for s in r["flops"]["settings"].values())
+    assert ("LM-head logits at the visual positions" in text) == old
+    assert "latency" not in r or "Generation LaVi vs concat" in text
