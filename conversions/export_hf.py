@@ -25,7 +25,7 @@ import sys
 import time
 
 from conversions import hf_config, mapping
-from conversions.weights import ConversionError, hf_tensor_specs, np_dtype, write_safetensors
+from conversions.weights import ConversionError, fresh_output_dir, hf_tensor_specs, np_dtype, write_safetensors
 
 LAVI_FORMAT_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -100,11 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     a = p.parse_args(argv)
     try:
-        out = os.path.abspath(a.out)
-        if os.path.exists(out) and os.listdir(out):
-            if not a.overwrite:
-                raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-            shutil.rmtree(out)
+        out = fresh_output_dir(a.out, a.overwrite)
         t0 = time.time()
         dirs = export_hf(a.ckpt, out, dtype=a.dtype, max_shard_bytes=parse_size(a.max_shard_size))
         print(f"wrote {', '.join(dirs)} in {time.time() - t0:.1f}s")

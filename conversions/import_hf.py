@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from conversions import hf_config, mapping
-from conversions.weights import (ConversionError, SafetensorsReader, check_shapes, flatten, place_entries,
-                                 unflatten)
+from conversions.weights import (ConversionError, SafetensorsReader, check_shapes, flatten, fresh_output_dir,
+                                 place_entries, unflatten)
 from lavi_jax import config as C
 from lavi_jax import sharding
 from lavi_jax.models.lavi import LaVi
@@ -361,11 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="CKPT_DIR to write")
     a = p.parse_args(argv)
     try:
-        out = os.path.abspath(a.out)
-        if os.path.exists(out) and os.listdir(out):
-            if not a.overwrite:
-                raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-            shutil.rmtree(out)
+        out = fresh_output_dir(a.out, a.overwrite)
         base_config = C.get(a.config) if a.config else None
         base = base_config.model if base_config is not None else None
         mesh_shape = parse_mesh(a.mesh) if a.mesh else (dict(base_config.mesh) if base_config is not None and "mesh" in base_config else None)

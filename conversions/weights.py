@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import struct
 from typing import Any, Callable, Iterable
 
@@ -41,6 +42,16 @@ CODES = {v: k for k, v in DTYPES.items()}
 
 class ConversionError(ValueError):
     pass
+
+
+def fresh_output_dir(path: str, overwrite: bool) -> str:
+    """Absolute ``path``, emptied when ``overwrite``; a non-empty directory otherwise raises ValueError."""
+    out = os.path.abspath(path)
+    if os.path.exists(out) and os.listdir(out):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+    return out
 
 
 def np_dtype(dtype) -> np.dtype:

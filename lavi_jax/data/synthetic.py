@@ -44,9 +44,7 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 NUMBERS = ("one", "two", "three")
 QUESTION_TYPES = ("colour", "count", "side")  # the held-out kinds
-EXTRA_TYPES = ("shape",)
-SIZE_RANGE = (20, 28)  # shape extent, % of the image side
-MAX_PER_SIDE = 3  # may be added to training conversations
+EXTRA_TYPES = ("shape",)  # may be added to training conversations
 _TEMPLATES = {
     "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
     "count": ("How many shapes are there?", "How many shapes are in the image?"),
@@ -62,16 +60,12 @@ def make_scene(rng: np.random.Generator, image_size: int = 64) -> list[dict[str,
     count = int(rng.integers(1, 4))
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:count]]
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:count]]
-    while True:  # at most MAX_PER_SIDE shapes per half (each side stays equally likely for every shape)
-        sides = [("left", "right")[int(rng.integers(2))] for _ in range(count)]
-        if max(sides.count("left"), sides.count("right")) <= MAX_PER_SIDE:
-            break
+    sides = [("left", "right")[int(rng.integers(2))] for _ in range(count)]
     half, margin = image_size // 2, max(1, image_size // 32)
-    lo, hi = SIZE_RANGE
     while True:  # rejection-sample positions; attributes stay as drawn
         boxes = []
         for side in sides:
-            extent = int(rng.integers(image_size * lo // 100, image_size * hi // 100 + 1))
+            extent = int(rng.integers(image_size * 20 // 100, image_size * 28 // 100 + 1))
             low = margin if side == "left" else half + margin
             x0 = int(rng.integers(low, low + half - 2 * margin - extent + 1))
             y0 = int(rng.integers(margin, image_size - margin - extent + 1))
