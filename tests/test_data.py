@@ -466,10 +466,12 @@ def _analyse(image, item):
     return hits.sum() / ((x1 - x0) * (y1 - y0)), "left" if centre else "right"
 
 
-def test_synthetic_set_is_deterministic_and_correct(tmp_path):
-    a = D.write_synthetic_vqa(str(tmp_path / "a"), num_train=90, num_eval=30, seed=5)
-    b = D.write_synthetic_vqa(str(tmp_path / "b"), num_train=90, num_eval=30, seed=5)
-    c = D.write_synthetic_vqa(str(tmp_path / "c"), num_train=90, num_eval=30, seed=6)
+@pytest.mark.parametrize("grid,sentences", [(0, False), (4, True)])
+def test_synthetic_set_is_deterministic_and_correct(tmp_path, grid, sentences):
+    kw = dict(num_train=90, num_eval=30, grid=grid, sentences=sentences)
+    a = D.write_synthetic_vqa(str(tmp_path / "a"), seed=5, **kw)
+    b = D.write_synthetic_vqa(str(tmp_path / "b"), seed=5, **kw)
+    c = D.write_synthetic_vqa(str(tmp_path / "c"), seed=6, **kw)
     train = json.loads(open(a["train_json"]).read())
     assert train == json.loads(open(b["train_json"]).read()) != json.loads(open(c["train_json"]).read())
     png = "images/train-00007.png"
@@ -488,14 +490,23 @@ def test_synthetic_set_is_deterministic_and_correct(tmp_path):
             assert low <= ratio <= high, (record["id"], item, ratio)
             assert side == item["side"]
             observed[item["shape"]] = (item["colour"], side)
+        if grid:  # each shape inside its own cell; the cell's column gives the side
+            cell = 64 // grid
+            cells = [(x0 // cell, y0 // cell) for x0, y0, _, _ in (s["box"] for s in record["scene"])]
+            assert all(x0 // cell == (x1 - 1) // cell and y0 // cell == (y1 - 1) // cell
+                       for x0, y0, x1, y1 in (s["box"] for s in record["scene"])), record["id"]
+            assert len(set(cells)) == len(cells)
+            assert [("left", "right")[cx >= grid // 2] for cx, _ in cells] == [s["side"] for s in record["scene"]]
         question = record["conversations"][0]["value"]
         answer = record["conversations"][1]["value"]
         assert answer == record["answer"] and question.startswith("<image>\n")
+        words = answer.rstrip(".").split()
         if record["question_type"] == "count":
-            assert answer == synthetic.NUMBERS[len(colours) - 1]
+            assert (words[2] if sentences else answer) == synthetic.NUMBERS[len(colours) - 1]
         else:
             shape = next(s for s in synthetic.SHAPES if s in question)
-            assert answer == observed[shape][0 if record["question_type"] == "colour" else 1]
+            assert (words[-1] if sentences else answer) == observed[shape][0 if record["question_type"] == "colour" else 1]
+            assert not sentences or words[:3] == ["The", shape, "is"]
 
 
 @pytest.mark.parametrize("kinds", [synthetic.QUESTION_TYPES, synthetic.QUESTION_TYPES + ("shape",)])
@@ -528,6 +539,21 @@ def test_synthetic_multi_turn_training_records(tmp_path, kinds):
         D.write_synthetic_vqa(str(tmp_path / "x"), num_train=1, num_eval=1, train_turns=0)
     with pytest.raises(ValueError, match="train_kinds"):
         D.write_synthetic_vqa(str(tmp_path / "y"), num_train=1, num_eval=1, train_turns=2, train_kinds=("size",))
+
+
+def test_synthetic_single_turn_kinds_and_captions(tmp_path):
+    kinds = synthetic.QUESTION_TYPES + ("shape", "caption")
+    paths = D.write_synthetic_vqa(str(tmp_path), num_train=20, num_eval=6, seed=2, train_kinds=kinds, grid=4)
+    for i, record in enumerate(json.loads(open(paths["train_json"]).read())):
+        assert len(record["conversations"]) == 2 and record["question_type"] == kinds[i % len(kinds)]
+        if record["question_type"] == "caption":  # every shape once, left to right
+            items = [part.split() for part in record["answer"].split(", ")]
+            assert sorted(map(tuple, items)) == sorted((s["colour"], s["shape"], s["side"]) for s in record["scene"])
+            x = [next(s["box"][0] for s in record["scene"] if s["shape"] == shape) for _, shape, _ in items]
+            assert x == sorted(x)
+    for bad in (3, 5, 16):
+        with pytest.raises(ValueError, match="grid"):
+            synthetic.make_scene(np.random.default_rng(0), 64, bad)
 
 
 def test_synthetic_answers_are_balanced():

@@ -191,6 +191,20 @@ def test_demo_command_runs_end_to_end(tmp_path):
         assert os.path.isdir(tmp_path / fusion / "checkpoints")
 
 
+def test_demo_majority_rate_groups_by_question_type_and_shape_named():
+    from lavi_jax.demo import majority_rate
+
+    def record(kind, question, answer):
+        return {"question_type": kind, "answer": answer,
+                "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
+
+    records = [record("colour", "What colour is the circle?", a) for a in ("red", "red", "blue")]
+    records += [record("colour", "What is the colour of the circle?", "red"), record("colour", "What colour is the square?", "blue")]
+    records += [record("count", "How many shapes are there?", a) for a in ("one", "two", "two")]
+    # circle: red 3 of 4; square: blue 1 of 1; count: two 2 of 3
+    assert majority_rate(records) == pytest.approx(6 / 8)
+
+
 def test_lr_mults_scale_the_updates_of_matching_params():
     c = train_lib.train_config(learning_rate=1e-2, warmup_steps=1, num_steps=10, clip_grad_norm=0.0, weight_decay=0.1)
     params = {"vision": {"w": jnp.ones((3, 2))}, "projector": {"b": jnp.ones((2,))}, "llm": {"w": jnp.full((2, 2), 2.0)}}

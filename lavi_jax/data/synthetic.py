@@ -1,4 +1,4 @@
-"""A synthetic VQA set in LLaVA format for the demo: coloured shapes and one-word answers.
+"""A synthetic VQA set in LLaVA format for the demo: coloured shapes and short answers.
 
 Each image shows 1-3 shapes (circle, square, triangle; at most one of each)
 in distinct colours on a white background, every shape wholly in the left or
@@ -13,14 +13,23 @@ wording, so the text alone predicts no better than the majority answer of
 each kind (1/6, 1/3 and 1/2). Records carry ``question_type``, ``answer`` and
 the drawn ``scene`` for evaluation. Output is deterministic given the seed.
 
-With ``train_turns`` > 1 each training image gets a multi-turn conversation of
-that many questions (kinds from ``train_kinds`` in random order, one of each
-before any repeats), as in LLaVA's instruction data; held-out records always
-ask one question of the three kinds above. ``train_kinds`` may add
+Options (``write_synthetic_vqa``):
 
-* shape: "What shape is red?" -> "circle" | "square" | "triangle"
+* ``grid=N``: each shape inside its own cell of an N x N grid (free placement
+  when 0); with ViT patches equal to the cells, every shape lies in one patch.
+* ``sentences``: answers restate their subject: "The circle is red.", "The
+  square is on the left.", "There are two shapes."
+* ``train_kinds``: the training records' kinds, asked in turn (held-out
+  records always ask the three kinds above). Besides those, one may add
 
-``question_type`` / ``answer`` then describe the last turn.
+  - shape: "What shape is red?" -> "circle" | "square" | "triangle"
+  - caption: "Describe the image." -> "red circle left, blue square right"
+    (left to right)
+
+* ``train_turns`` > 1: each training image gets a multi-turn conversation of
+  that many questions (kinds in random order, one of each before any
+  repeats), as in LLaVA's instruction data; ``question_type`` / ``answer``
+  then describe the last turn.
 """
 
 from __future__ import annotations
@@ -44,23 +53,43 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 NUMBERS = ("one", "two", "three")
 QUESTION_TYPES = ("colour", "count", "side")  # the held-out kinds
-EXTRA_TYPES = ("shape",)  # may be added to training conversations
+EXTRA_TYPES = ("shape", "caption")  # may be added to the training records
 _TEMPLATES = {
     "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
     "count": ("How many shapes are there?", "How many shapes are in the image?"),
     "side": ("Is the {shape} on the left or the right?", "Which side is the {shape} on, left or right?"),
     "shape": ("What shape is {colour}?", "Which shape is {colour}?"),
+    "caption": ("Describe the image.", "What is in the image?"),
 }
 
 
-def make_scene(rng: np.random.Generator, image_size: int = 64) -> list[dict[str, Any]]:
-    """1-3 non-overlapping shapes: ``[{"shape", "colour", "side", "box": [x0, y0, x1, y1]}]``."""
+def make_scene(rng: np.random.Generator, image_size: int = 64, grid: int = 0) -> list[dict[str, Any]]:
+    """1-3 non-overlapping shapes: ``[{"shape", "colour", "side", "box": [x0, y0, x1, y1]}]``.
+
+    ``grid=0`` places shapes freely (13-18 px at 64 px). ``grid=N`` (even)
+    puts each shape inside its own cell of an N x N grid, filling 60-85 % of
+    the cell: with the tower's patches equal to the cells, every shape lies
+    within one patch.
+    """
     if image_size < 32:
         raise ValueError("image_size must be at least 32")
+    if grid and (grid % 2 or image_size % grid or image_size // grid < 8):
+        raise ValueError(f"grid must be even, divide image_size ({image_size}) and give cells of at least 8 px; got {grid}")
     count = int(rng.integers(1, 4))
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:count]]
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:count]]
     sides = [("left", "right")[int(rng.integers(2))] for _ in range(count)]
+    if grid:
+        boxes, cell, used = [], image_size // grid, set()
+        for side in sides:
+            while (xy := (int(rng.integers(grid // 2)) + (grid // 2 if side == "right" else 0),
+                          int(rng.integers(grid)))) in used:
+                pass
+            used.add(xy)
+            extent = int(rng.integers(cell * 60 // 100, cell * 85 // 100 + 1))
+            x0, y0 = (c * cell + int(rng.integers(cell - extent + 1)) for c in xy)
+            boxes.append([x0, y0, x0 + extent, y0 + extent])
+        return [{"shape": s, "colour": c, "side": d, "box": b} for s, c, d, b in zip(shapes, colours, sides, boxes)]
     half, margin = image_size // 2, max(1, image_size // 32)
     while True:  # rejection-sample positions; attributes stay as drawn
         boxes = []
@@ -97,36 +126,43 @@ def draw_scene(scene: list[dict[str, Any]], image_size: int = 64) -> Image.Image
     return image
 
 
-def make_question(rng: np.random.Generator, scene: list[dict[str, Any]], kind: str) -> tuple[str, str]:
-    """``(question, answer)`` of the given kind about ``scene``."""
+def make_question(rng: np.random.Generator, scene: list[dict[str, Any]], kind: str,
+                  sentences: bool = False) -> tuple[str, str]:
+    """``(question, answer)`` of the given kind about ``scene``; a one-word answer or, with
+    ``sentences``, one that restates the subject first ("The circle is red.")."""
     template = _TEMPLATES[kind][int(rng.integers(len(_TEMPLATES[kind])))]
     if kind == "count":
-        return template, NUMBERS[len(scene) - 1]
+        n = NUMBERS[len(scene) - 1]
+        return template, (f"There {'is' if n == 'one' else 'are'} {n} shape{'' if n == 'one' else 's'}." if sentences else n)
+    if kind == "caption":  # left to right: "red circle left, blue square right"
+        return template, ", ".join(f"{s['colour']} {s['shape']} {s['side']}" for s in sorted(scene, key=lambda s: s["box"][0]))
     target = scene[int(rng.integers(len(scene)))]
     if kind == "shape":
-        return template.format(colour=target["colour"]), target["shape"]
+        answer = f"The {target['colour']} shape is a {target['shape']}." if sentences else target["shape"]
+        return template.format(colour=target["colour"]), answer
     answer = target["colour"] if kind == "colour" else target["side"]
+    if sentences:
+        answer = f"The {target['shape']} is {'on the ' if kind == 'side' else ''}{answer}."
     return template.format(shape=target["shape"]), answer
 
 
 def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size: int,
-               turns: int = 1, kinds: tuple[str, ...] = QUESTION_TYPES) -> list[dict[str, Any]]:
+               turns: int = 1, kinds: tuple[str, ...] = QUESTION_TYPES, grid: int = 0,
+               sentences: bool = False) -> list[dict[str, Any]]:
     """Draws and saves the images of one split; returns its LLaVA records (``turns`` questions each)."""
-    if turns == 1 and tuple(kinds) != QUESTION_TYPES:
-        raise ValueError(f"single-question records ask {QUESTION_TYPES} in turn; other kinds need turns > 1")
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i in range(num_records):
-        scene = make_scene(rng, image_size)
+        scene = make_scene(rng, image_size, grid)
         if turns == 1:
-            asked = [QUESTION_TYPES[i % len(QUESTION_TYPES)]]
+            asked = [kinds[i % len(kinds)]]
         else:
             asked = [kinds[k] for k in np.concatenate(
                 [rng.permutation(len(kinds)) for _ in range(-(-turns // len(kinds)))])[:turns]]
         conversation = []
         for kind in asked:
-            question, answer = make_question(rng, scene, kind)
+            question, answer = make_question(rng, scene, kind, sentences)
             prefix = "<image>\n" if not conversation else ""
             conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
         name = f"images/{split}-{i:05d}.png"
@@ -144,7 +180,7 @@ def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size
 
 def write_synthetic_vqa(
     out_dir: str, num_train: int = 3000, num_eval: int = 300, seed: int = 0, image_size: int = 64,
-    train_turns: int = 1, train_kinds: tuple[str, ...] = QUESTION_TYPES,
+    train_turns: int = 1, train_kinds: tuple[str, ...] = QUESTION_TYPES, grid: int = 0, sentences: bool = False,
 ) -> dict[str, str]:
     """Writes ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
 
@@ -162,7 +198,7 @@ def write_synthetic_vqa(
     if unknown or not train_kinds:
         raise ValueError(f"train_kinds {tuple(train_kinds)}: each must be one of {QUESTION_TYPES + EXTRA_TYPES}")
     for split, count, turns, kinds in (("train", num_train, train_turns, tuple(train_kinds)), ("eval", num_eval, 1, QUESTION_TYPES)):
-        records = make_split(out_dir, split, count, seed, image_size, turns, kinds)
+        records = make_split(out_dir, split, count, seed, image_size, turns, kinds, grid, sentences)
         with open(paths[f"{split}_json"], "w") as f:
             json.dump(records, f, indent=1)
     return paths
