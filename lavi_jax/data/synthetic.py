@@ -133,7 +133,9 @@ def make_question(rng: np.random.Generator, scene: list[dict[str, Any]], kind: s
     template = _TEMPLATES[kind][int(rng.integers(len(_TEMPLATES[kind])))]
     if kind == "count":
         n = NUMBERS[len(scene) - 1]
-        return template, (f"There {'is' if n == 'one' else 'are'} {n} shape{'' if n == 'one' else 's'}." if sentences else n)
+        if not sentences:
+            return template, n
+        return template, "There is one shape." if n == "one" else f"There are {n} shapes."
     if kind == "caption":  # left to right: "red circle left, blue square right"
         return template, ", ".join(f"{s['colour']} {s['shape']} {s['side']}" for s in sorted(scene, key=lambda s: s["box"][0]))
     target = scene[int(rng.integers(len(scene)))]
