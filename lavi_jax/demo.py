@@ -39,7 +39,7 @@ def run(config, workdir: str) -> dict:
     data_dir = os.path.join(workdir, "data")
     spec = {"num_train": d.num_train, "num_eval": d.num_eval, "seed": d.seed, "image_size": d.image_size,
             "train_turns": d.get("train_turns", 1), "train_kinds": list(d.get("train_kinds", synthetic.QUESTION_TYPES)),
-            "grid": d.get("grid", 0), "sentences": d.get("sentences", False)}
+            "grid": d.get("grid", 0), "sentences": d.get("sentences", False), "jitter": d.get("jitter", True)}
     if jax.process_index() == 0 and _read_json(os.path.join(data_dir, "spec.json")) != spec:
         write_synthetic_vqa(data_dir, **dict(spec, train_kinds=tuple(spec["train_kinds"])))
         with open(os.path.join(data_dir, "spec.json"), "w") as f:

@@ -466,9 +466,9 @@ def _analyse(image, item):
     return hits.sum() / ((x1 - x0) * (y1 - y0)), "left" if centre else "right"
 
 
-@pytest.mark.parametrize("grid,sentences", [(0, False), (4, True)])
-def test_synthetic_set_is_deterministic_and_correct(tmp_path, grid, sentences):
-    kw = dict(num_train=90, num_eval=30, grid=grid, sentences=sentences)
+@pytest.mark.parametrize("grid,sentences,jitter", [(0, False, True), (4, True, True), (4, True, False)])
+def test_synthetic_set_is_deterministic_and_correct(tmp_path, grid, sentences, jitter):
+    kw = dict(num_train=90, num_eval=30, grid=grid, sentences=sentences, jitter=jitter)
     a = D.write_synthetic_vqa(str(tmp_path / "a"), seed=5, **kw)
     b = D.write_synthetic_vqa(str(tmp_path / "b"), seed=5, **kw)
     c = D.write_synthetic_vqa(str(tmp_path / "c"), seed=6, **kw)
@@ -497,6 +497,9 @@ def test_synthetic_set_is_deterministic_and_correct(tmp_path, grid, sentences):
                        for x0, y0, x1, y1 in (s["box"] for s in record["scene"])), record["id"]
             assert len(set(cells)) == len(cells)
             assert [("left", "right")[cx >= grid // 2] for cx, _ in cells] == [s["side"] for s in record["scene"]]
+            if not jitter:  # 12 px shapes centred in 16 px cells
+                assert all((x0 % cell, y0 % cell, x1 - x0, y1 - y0) == (2, 2, 12, 12)
+                           for x0, y0, x1, y1 in (s["box"] for s in record["scene"])), record["id"]
         question = record["conversations"][0]["value"]
         answer = record["conversations"][1]["value"]
         assert answer == record["answer"] and question.startswith("<image>\n")

@@ -6,7 +6,7 @@ the right half. Each record asks one question, the three kinds taking turns:
 
 * colour: "What colour is the circle?" -> one of six colours
 * count: "How many shapes are there?" -> "one" | "two" | "three"
-* side: "Is the square on the left or the right?" -> "left" | "right"
+* side: "Which side is the square on?" -> "left" | "right"
 
 Shape count, colours and sides are drawn uniformly and independently of the
 wording, so the text alone predicts no better than the majority answer of
@@ -17,6 +17,8 @@ Options (``write_synthetic_vqa``):
 
 * ``grid=N``: each shape inside its own cell of an N x N grid (free placement
   when 0); with ViT patches equal to the cells, every shape lies in one patch.
+* ``jitter`` (grid only): shapes of random size at random offsets in their
+  cells; without it every shape fills the middle 75 % of its cell.
 * ``sentences``: answers restate their subject: "The circle is red.", "The
   square is on the left.", "There are two shapes."
 * ``train_kinds``: the training records' kinds, asked in turn (held-out
@@ -57,19 +59,19 @@ EXTRA_TYPES = ("shape", "caption")  # may be added to the training records
 _TEMPLATES = {
     "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
     "count": ("How many shapes are there?", "How many shapes are in the image?"),
-    "side": ("Is the {shape} on the left or the right?", "Which side is the {shape} on, left or right?"),
+    "side": ("Which side is the {shape} on?", "On which side is the {shape}?"),
     "shape": ("What shape is {colour}?", "Which shape is {colour}?"),
     "caption": ("Describe the image.", "What is in the image?"),
 }
 
 
-def make_scene(rng: np.random.Generator, image_size: int = 64, grid: int = 0) -> list[dict[str, Any]]:
+def make_scene(rng: np.random.Generator, image_size: int = 64, grid: int = 0, jitter: bool = True) -> list[dict[str, Any]]:
     """1-3 non-overlapping shapes: ``[{"shape", "colour", "side", "box": [x0, y0, x1, y1]}]``.
 
     ``grid=0`` places shapes freely (13-18 px at 64 px). ``grid=N`` (even)
     puts each shape inside its own cell of an N x N grid, filling 60-85 % of
-    the cell: with the tower's patches equal to the cells, every shape lies
-    within one patch.
+    the cell at a random offset (``jitter``) or 75 % of it, centred: with the
+    tower's patches equal to the cells, every shape lies within one patch.
     """
     if image_size < 32:
         raise ValueError("image_size must be at least 32")
@@ -86,8 +88,12 @@ def make_scene(rng: np.random.Generator, image_size: int = 64, grid: int = 0) ->
                           int(rng.integers(grid)))) in used:
                 pass
             used.add(xy)
-            extent = int(rng.integers(cell * 60 // 100, cell * 85 // 100 + 1))
-            x0, y0 = (c * cell + int(rng.integers(cell - extent + 1)) for c in xy)
+            if jitter:
+                extent = int(rng.integers(cell * 60 // 100, cell * 85 // 100 + 1))
+                x0, y0 = (c * cell + int(rng.integers(cell - extent + 1)) for c in xy)
+            else:
+                extent = cell * 3 // 4
+                x0, y0 = (c * cell + (cell - extent) // 2 for c in xy)
             boxes.append([x0, y0, x0 + extent, y0 + extent])
         return [{"shape": s, "colour": c, "side": d, "box": b} for s, c, d, b in zip(shapes, colours, sides, boxes)]
     half, margin = image_size // 2, max(1, image_size // 32)
@@ -150,13 +156,13 @@ def make_question(rng: np.random.Generator, scene: list[dict[str, Any]], kind: s
 
 def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size: int,
                turns: int = 1, kinds: tuple[str, ...] = QUESTION_TYPES, grid: int = 0,
-               sentences: bool = False) -> list[dict[str, Any]]:
+               sentences: bool = False, jitter: bool = True) -> list[dict[str, Any]]:
     """Draws and saves the images of one split; returns its LLaVA records (``turns`` questions each)."""
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i in range(num_records):
-        scene = make_scene(rng, image_size, grid)
+        scene = make_scene(rng, image_size, grid, jitter)
         if turns == 1:
             asked = [kinds[i % len(kinds)]]
         else:
@@ -183,6 +189,7 @@ def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size
 def write_synthetic_vqa(
     out_dir: str, num_train: int = 3000, num_eval: int = 300, seed: int = 0, image_size: int = 64,
     train_turns: int = 1, train_kinds: tuple[str, ...] = QUESTION_TYPES, grid: int = 0, sentences: bool = False,
+    jitter: bool = True,
 ) -> dict[str, str]:
     """Writes ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
 
@@ -200,7 +207,7 @@ def write_synthetic_vqa(
     if unknown or not train_kinds:
         raise ValueError(f"train_kinds {tuple(train_kinds)}: each must be one of {QUESTION_TYPES + EXTRA_TYPES}")
     for split, count, turns, kinds in (("train", num_train, train_turns, tuple(train_kinds)), ("eval", num_eval, 1, QUESTION_TYPES)):
-        records = make_split(out_dir, split, count, seed, image_size, turns, kinds, grid, sentences)
+        records = make_split(out_dir, split, count, seed, image_size, turns, kinds, grid, sentences, jitter)
         with open(paths[f"{split}_json"], "w") as f:
             json.dump(records, f, indent=1)
     return paths
