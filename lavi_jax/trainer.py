@@ -110,7 +110,9 @@ def dry_run(step_fn, abstract_state, shardings, mesh, config, keys) -> dict:
         "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", 0)),
         "argument_bytes_per_device": int(getattr(mem, "argument_size_in_bytes", 0)),
         "output_bytes_per_device": int(getattr(mem, "output_size_in_bytes", 0)),
-        "flops_per_step_per_device": float(cost.get("flops", 0.0)),
+        # XLA counts a loop body once; the micro-batch scan runs it grad_accum times (the update outside
+        # the loop is then over-counted, by far less than a micro-batch's forward and backward).
+        "flops_per_step_per_device": float(cost.get("flops", 0.0)) * int(c.get("grad_accum", 1)),
         "compile_seconds": round(time.time() - t0, 1),
     }
     report["flops_per_step"] = report["flops_per_step_per_device"] * mesh.size

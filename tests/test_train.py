@@ -167,6 +167,9 @@ def test_dry_run_reports_memory_and_flops_without_training(tmp_path):
     assert 0 < report["params_bytes_per_device"] < sharding.count_params(
         sharding.abstract_params(lavi_jax.LaVi(config.model), jnp.zeros((1, 8), jnp.int32))[0]) * 4
     assert not os.path.exists(tmp_path / "checkpoints")
+    config.train.grad_accum = 2  # the step's FLOPs do not depend on how the batch is split
+    accumulated = trainer.train(config, str(tmp_path))
+    assert accumulated["flops_per_step"] == pytest.approx(report["flops_per_step"], rel=0.1)  # not 1/2
 
 
 def test_demo_command_runs_end_to_end(tmp_path):
