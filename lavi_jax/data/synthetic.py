@@ -81,23 +81,32 @@ def make_scene(rng: np.random.Generator, image_size: int = 64, grid: int = 0, ji
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:count]]
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:count]]
     sides = [("left", "right")[int(rng.integers(2))] for _ in range(count)]
-    if grid:
-        boxes, cell, used = [], image_size // grid, set()
-        for side in sides:
-            while (xy := (int(rng.integers(grid // 2)) + (grid // 2 if side == "right" else 0),
-                          int(rng.integers(grid)))) in used:
-                pass
-            used.add(xy)
-            if jitter:
-                extent = int(rng.integers(cell * 60 // 100, cell * 85 // 100 + 1))
-                x0, y0 = (c * cell + int(rng.integers(cell - extent + 1)) for c in xy)
-            else:
-                extent = cell * 3 // 4
-                x0, y0 = (c * cell + (cell - extent) // 2 for c in xy)
-            boxes.append([x0, y0, x0 + extent, y0 + extent])
-        return [{"shape": s, "colour": c, "side": d, "box": b} for s, c, d, b in zip(shapes, colours, sides, boxes)]
+    boxes = _grid_boxes(rng, sides, image_size, grid, jitter) if grid else _free_boxes(rng, sides, image_size)
+    return [{"shape": s, "colour": c, "side": d, "box": b} for s, c, d, b in zip(shapes, colours, sides, boxes)]
+
+
+def _grid_boxes(rng, sides, image_size: int, grid: int, jitter: bool) -> list[list[int]]:
+    """One box per side, each inside its own free cell of the grid, in that side's half."""
+    boxes, cell, used = [], image_size // grid, set()
+    for side in sides:
+        while (xy := (int(rng.integers(grid // 2)) + (grid // 2 if side == "right" else 0),
+                      int(rng.integers(grid)))) in used:
+            pass
+        used.add(xy)
+        if jitter:
+            extent = int(rng.integers(cell * 60 // 100, cell * 85 // 100 + 1))
+            x0, y0 = (c * cell + int(rng.integers(cell - extent + 1)) for c in xy)
+        else:
+            extent = cell * 3 // 4
+            x0, y0 = (c * cell + (cell - extent) // 2 for c in xy)
+        boxes.append([x0, y0, x0 + extent, y0 + extent])
+    return boxes
+
+
+def _free_boxes(rng, sides, image_size: int) -> list[list[int]]:
+    """One box per side, anywhere in that side's half, rejection-sampled until no two touch."""
     half, margin = image_size // 2, max(1, image_size // 32)
-    while True:  # rejection-sample positions; attributes stay as drawn
+    while True:
         boxes = []
         for side in sides:
             extent = int(rng.integers(image_size * 20 // 100, image_size * 28 // 100 + 1))
@@ -106,10 +115,7 @@ def make_scene(rng: np.random.Generator, image_size: int = 64, grid: int = 0, ji
             y0 = int(rng.integers(margin, image_size - margin - extent + 1))
             boxes.append([x0, y0, x0 + extent, y0 + extent])
         if all(_apart(a, b, margin) for i, a in enumerate(boxes) for b in boxes[i + 1 :]):
-            return [
-                {"shape": s, "colour": c, "side": d, "box": b}
-                for s, c, d, b in zip(shapes, colours, sides, boxes)
-            ]
+            return boxes
 
 
 def _apart(a, b, gap) -> bool:
