@@ -1,4 +1,4 @@
-"""Config schema (ml_collections) and the loader for ``configs/*.py:arg`` files.
+"""Every default, in one place: the config schema (ml_collections) and the loader for ``configs/*.py:arg`` files.
 
 A config file in ``configs/`` defines ``get_config(arg)`` and builds its model
 config from the constructors below, so every knob has one default and one
@@ -106,6 +106,96 @@ def model(**overrides) -> ConfigDict:
     return c
 
 
+def data(**overrides) -> ConfigDict:
+    """``config.data``: the input pipeline."""
+    c = ConfigDict()
+    c.train_json = ""  # LLaVA .json / .jsonl with the training records
+    c.eval_json = ""  # held-out records in the same format ("" = none)
+    c.image_root = ""  # folder that the records' "image" / "video" paths are relative to
+    c.tokenizer = "byte"  # "byte" (built-in demo tokenizer) or a local HF tokenizer directory
+    c.processor = "siglip"  # "siglip" | "clip" | a HF directory with preprocessor_config.json
+    c.image_size = 384  # processor output side (must match the vision tower)
+    c.max_images = 1  # N_items: images / videos per sample; fewer are padded with item_mask False
+    c.num_frames = 1  # N_frames: frames sampled uniformly per video; an image uses frame 0
+    c.seq_buckets = (512, 1024, 2048)  # padded sequence lengths; longer samples are skipped as bad
+    c.max_bad_records = 100  # distinct bad records skipped per process before the run stops
+    c.max_image_pixels = 89_478_485  # larger images are rejected (decompression bombs); PIL's default
+    c.num_threads = 8  # decoding threads per process
+    c.update(overrides)
+    return c
+
+
+def train(**overrides) -> ConfigDict:
+    """``config.train``: optimisation and loop settings."""
+    c = ConfigDict()
+    c.num_steps = 1000
+    c.batch_size = 32  # global batch (all processes)
+    c.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
+    c.learning_rate = 1e-4
+    c.warmup_steps = 100
+    c.end_lr_fraction = 0.0  # cosine decays to learning_rate * end_lr_fraction
+    c.b1, c.b2, c.eps = 0.9, 0.95, 1e-8
+    c.weight_decay = 0.0
+    c.clip_grad_norm = 1.0
+    c.trainable = "projector+conditioners"  # a stage name (lavi_jax.train.optimizer.STAGES) or comma-separated regexes
+    c.lr_mults = ()  # ((regex, multiplier), ...): per-param learning-rate factors, first match wins
+    c.seed = 0
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.max_nonfinite = 10  # consecutive non-finite steps before the run stops
+    c.update(overrides)
+    return c
+
+
+# Benchmark tasks with a settings block under ``config.evals``; each is set as
+# ``--config.evals.<task>.questions=...``. ``name`` (the scorer) defaults to the task's key.
+EVAL_TASKS = ("llava_json", "vqav2", "textvqa", "gqa", "pope", "mme", "mmbench", "mmbench_cn", "seed_bench",
+              "scienceqa_img", "mvbench", "videomme")
+
+
+def eval_task(**overrides) -> ConfigDict:
+    """One benchmark's settings (``config.evals.<task>``); empty values take the ``config.evals`` defaults."""
+    c = ConfigDict()
+    c.name = ""  # scorer (lavi_jax.eval.scorers); "" = the task's key
+    c.questions = ""  # the benchmark's question file (llava_json: default config.data.eval_json)
+    c.annotations = ""  # its answer / annotation file or folder, where the benchmark has one
+    c.image_root = ""  # folder the questions' media paths are relative to (llava_json: default config.data.image_root)
+    c.max_new_tokens = 0  # 0: config.evals.max_new_tokens
+    c.limit = 0  # 0: config.evals.limit
+    c.options = ConfigDict()  # extra scorer options, e.g. metric="exact", prompt_suffix="none"
+    c.update(overrides)
+    return c
+
+
+def evals(**overrides) -> ConfigDict:
+    """``config.evals``: evaluation during training (``every``) and by eval.py."""
+    c = ConfigDict()
+    c.every = 0  # evaluate every N training steps (0: at the end only)
+    c.exact_match = True  # teacher-forced exact match on data.eval_json at the end of training
+    c.batch_size = 0  # global eval batch (0: train.batch_size)
+    c.tasks = ""  # comma-separated task keys to run by generation, e.g. "pope,textvqa"
+    c.max_new_tokens = 64
+    c.limit = 0  # samples per task (0: all)
+    for name in EVAL_TASKS:
+        c[name] = eval_task()
+    c.update(overrides)
+    return c
+
+
+def experiment(model_config: ConfigDict) -> ConfigDict:
+    """A full run config around ``model_config``: model, data, train, mesh, init, evals."""
+    c = ConfigDict()
+    c.model = model_config
+    c.data = data(image_size=model_config.vision.image_size, processor=model_config.vision.type)
+    c.train = train()
+    c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: fill with the remaining devices
+    c.init = ConfigDict({"checkpoint": "", "hf_llm": "", "hf_vision": ""})  # used when the workdir has no checkpoint
+    c.evals = evals()
+    c.dry_run = False  # compile the train step and print per-device memory and FLOPs instead of training
+    return c
+
+
 def get(spec: str) -> ConfigDict:
     """Loads ``path/to/config.py[:arg]`` by calling its ``get_config(arg)``."""
     path, _, arg = spec.partition(":")
@@ -131,21 +221,3 @@ def make_tiny(model_config: ConfigDict) -> ConfigDict:
     m.projector.max_frames = 8
     m.conditioner.update(width=32, num_heads=4)
     return m
-
-
-def experiment(model_config: ConfigDict) -> ConfigDict:
-    """A full run config around ``model_config``: model, data, train, mesh, init, evals."""
-    from lavi_jax.data.config import data_config
-    from lavi_jax.train_lib import train_config
-
-    c = ConfigDict()
-    c.model = model_config
-    c.data = data_config(image_size=model_config.vision.image_size, processor=model_config.vision.type)
-    c.train = train_config()
-    c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: fill with the remaining devices
-    c.init = ConfigDict({"checkpoint": "", "hf_llm": "", "hf_vision": ""})  # used when the workdir has no checkpoint
-    # every=0: at the end only. exact_match: teacher-forced exact match on data.eval_json. tasks: benchmark
-    # evaluations by generation (see README, "Evaluating a checkpoint"), e.g. "pope,textvqa".
-    c.evals = ConfigDict({"every": 0, "exact_match": True, "batch_size": 0, "tasks": "", "max_new_tokens": 64, "limit": 0})
-    c.dry_run = False
-    return c

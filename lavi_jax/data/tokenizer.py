@@ -21,6 +21,7 @@ becomes exactly one ``image_token_id``; the model expands it.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Protocol, Sequence
 
@@ -221,3 +222,23 @@ class HFTokenizer:
 def make_tokenizer(spec: str) -> Tokenizer:
     """``"byte"`` for the built-in tokenizer, else a HF tokenizer directory."""
     return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+
+
+def image_token_id_in(path: str) -> int | None:
+    """The id the tokenizer directory ``path`` gives ``<image>`` without loading it: its id when the tokenizer has
+    it, else the id :class:`HFTokenizer` will add it at; None when ``path`` holds no ``tokenizer.json``."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        tok = json.load(f)
+    added = {t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])}
+    if IMAGE_TOKEN in added:
+        return added[IMAGE_TOKEN]
+    vocab = (tok.get("model") or {}).get("vocab")
+    ids = list(added.values())
+    if isinstance(vocab, dict):
+        ids += [int(i) for i in vocab.values()]
+    elif isinstance(vocab, list):
+        ids.append(len(vocab) - 1)
+    return max(ids) + 1 if ids else None

@@ -1,21 +1,9 @@
 """Padding examples into batches of static shapes (sequence-length buckets).
 
-Batch contract (numpy, per-process local batch of B examples):
-
-* ``input_ids`` int32 [B, T]: right-padded with the tokenizer's pad id.
-* ``attention_mask`` int32 [B, T]: 1 on real tokens, 0 on padding.
-* ``loss_mask`` float32 [B, T]: aligned to TARGET positions. ``loss_mask[b, t]
-  = 1`` means token ``input_ids[b, t]`` is an assistant token, predicted from
-  position ``t - 1``; the next-token loss is
-  ``CE(logits[:, :-1], input_ids[:, 1:])`` weighted by ``loss_mask[:, 1:]``.
-  ``loss_mask[:, 0]`` is always 0.
-* ``pixel_values`` float32 [B, N_items, N_frames, H, W, 3]: zeros where unused.
-* ``item_mask`` bool [B, N_items, N_frames]: True on real frames. An image is
-  an item of one frame (frame 0); padded items are all False.
-
-T is the smallest bucket in ``seq_buckets`` that fits the longest example of
-the batch (or always the largest bucket with ``pad_to_max_bucket``), so a
-training run compiles at most ``len(seq_buckets)`` shapes.
+The layout is :class:`lavi_jax.data.batch.BatchSpec`. T is the smallest bucket
+in ``seq_buckets`` that fits the longest example of the batch (or always the
+largest bucket with ``pad_to_max_bucket``), so a training run compiles at most
+``len(seq_buckets)`` shapes.
 """
 
 from __future__ import annotations
@@ -25,13 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
-def select_bucket(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``length``."""
-    fitting = [b for b in buckets if b >= length]
-    if not fitting:
-        raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
-    return min(fitting)
+from lavi_jax.data.batch import BatchSpec, bucket_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +34,9 @@ class Collator:
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         longest = max(len(e["input_ids"]) for e in examples)
-        seq_len = max(self.seq_buckets) if self.pad_to_max_bucket else select_bucket(longest, self.seq_buckets)
-        if longest > seq_len:
-            raise ValueError(f"example of {longest} tokens exceeds the largest bucket {seq_len}")
-        size = len(examples)
-        height, width = self.image_size
-        batch = {
-            "input_ids": np.full((size, seq_len), self.pad_id, np.int32),
-            "attention_mask": np.zeros((size, seq_len), np.int32),
-            "loss_mask": np.zeros((size, seq_len), np.float32),
-            "pixel_values": np.zeros((size, self.max_images, self.num_frames, height, width, 3), np.float32),
-            "item_mask": np.zeros((size, self.max_images, self.num_frames), bool),
-        }
+        seq_len = bucket_length(max(self.seq_buckets) if self.pad_to_max_bucket else longest, self.seq_buckets)
+        spec = BatchSpec(len(examples), seq_len, self.max_images, self.num_frames, tuple(self.image_size))
+        batch = spec.zeros(self.pad_id)
         for b, example in enumerate(examples):
             length = len(example["input_ids"])
             batch["input_ids"][b, :length] = example["input_ids"]
