@@ -2,12 +2,12 @@
 
     python eval.py --config configs/demo.py --workdir /tmp/lavi_demo/modulation --config.evals.tasks=llava_json
     python eval.py --config configs/lavi_qwen2_7b_siglip.py --ckpt /ckpt/lavi7b --out /tmp/lavi7b_eval \\
-        --config.evals.tasks=pope \\
-        --config.evals.pope=questions=/data/pope/llava_pope_test.jsonl,annotations=/data/pope/coco,image_root=/data/coco/val2014
+        --config.evals.tasks=pope --config.evals.pope.questions=/data/pope/llava_pope_test.jsonl \\
+        --config.evals.pope.annotations=/data/pope/coco --config.evals.pope.image_root=/data/coco/val2014
 
 The model, tokenizer and image processor come from the checkpoint (``--ckpt``,
 or the latest checkpoint of ``--workdir``); the config gives the mesh and the
-tasks (``config.evals``, see ``lavi_jax/evaluation.py``). Results go to
+tasks (``config.evals``, see ``lavi_jax/eval/tasks.py``). Results go to
 ``<out>/<task>.json`` (default ``<workdir>/results``) and a summary table is
 printed. Run the same command on every host of a pod; pass
 --coordinator_address, --num_processes and --process_id where JAX cannot detect
@@ -19,6 +19,9 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lavi_jax import checkpoint, distributed
+from lavi_jax.eval import evaluate_checkpoint
 
 flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is evaluated; results go to <workdir>/results.")
 flags.DEFINE_string("ckpt", None, "A checkpoint (workdir, checkpoint dir or step dir) to evaluate instead of --workdir's.")
@@ -36,8 +39,6 @@ def output_dir() -> str:
         return FLAGS.out
     if FLAGS.workdir:
         return os.path.join(FLAGS.workdir, "results")
-    from lavi_jax import checkpoint
-
     directory = checkpoint.resolve(FLAGS.ckpt)
     parent = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
     return os.path.join(parent, "results")
@@ -49,12 +50,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
     if not (FLAGS.ckpt or FLAGS.workdir):
         raise app.UsageError("pass --workdir or --ckpt")
-    from lavi_jax import distributed
-
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from lavi_jax import evaluation
-
-    evaluation.evaluate_checkpoint(FLAGS.config, FLAGS.ckpt or FLAGS.workdir, output_dir(), step=FLAGS.step)
+    evaluate_checkpoint(FLAGS.config, FLAGS.ckpt or FLAGS.workdir, output_dir(), step=FLAGS.step)
 
 
 if __name__ == "__main__":

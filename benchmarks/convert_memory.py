@@ -7,9 +7,9 @@ a LLaMA-sized 32k vocabulary so no single tensor dominates) in a temp dir, then
 imports it in a fresh subprocess per layer layout on one CPU device, exactly as
 ``python -m conversions.import_hf`` does (read + place, then the orbax save).
 Memory added = peak RSS (``getrusage`` high-water mark) minus the RSS after
-jax and the converter are imported, before any tensor is read. On a CPU the
-imported params themselves live in host memory, so 1.0x is the floor; the
-target is at most 1.3x. Prints a table and writes
+jax and the converter (with transformers, for the config defaults) are
+imported, before any tensor is read. On a CPU the imported params themselves
+live in host memory, so 1.0x is the floor; the target is at most 1.3x. Prints a table and writes
 ``benchmarks/results/convert_memory.json``.
 """
 
@@ -45,7 +45,7 @@ def peak_rss() -> int:
 
 def build_checkpoint(directory: str, size_gb: float, dtype: str) -> dict:
     """A random Qwen2ForCausalLM-shaped checkpoint of about ``size_gb`` GB; returns its config."""
-    from conversions.weights import np_dtype, write_safetensors
+    from lavi_jax.hf.safetensors_io import np_dtype, write_safetensors
 
     dt = np_dtype(dtype)
     head_dim = HIDDEN // HEADS
@@ -85,17 +85,19 @@ def child(args: dict) -> None:
     os.environ.pop("XLA_FLAGS", None)  # one CPU device: params are not replicated
     import jax
 
-    from conversions import import_hf
     from lavi_jax import checkpoint, sharding
+    from lavi_jax.hf import config as hf_config
+    from lavi_jax.hf import full_config, import_hf
 
     mesh = sharding.make_mesh({"data": 1})
     jax.devices()
+    hf_config.with_defaults({"model_type": "qwen2"})  # imports transformers (and torch where installed): a fixed cost
     before = rss()
     t0 = time.time()
-    cfg, params = import_hf.import_hf(args["hf"], scan=args["scan"], dtype=args["dtype"], mesh=mesh)
+    cfg, params = import_hf(args["hf"], scan=args["scan"], dtype=args["dtype"], mesh=mesh)
     jax.block_until_ready(params)
     peak_import, t_import = peak_rss(), time.time() - t0
-    checkpoint.save_params(args["out"], import_hf.full_config(cfg), params)
+    checkpoint.save_params(args["out"], full_config(cfg), params)
     peak_total, t_total = peak_rss(), time.time() - t0
     print(json.dumps({"rss_before": before, "peak_import": peak_import, "peak_with_save": peak_total,
                       "seconds_import": t_import, "seconds_with_save": t_total}))

@@ -39,9 +39,9 @@ def decode_step_fn(model, reuse_visual: bool):
         variables = {"params": params}
         if reuse_visual:
             variables["visual_cache"] = visual_cache
-        kw = dict(attention_mask=mask, position_ids=position, cache=cache, cache_index=index)
-        logits, cache = model.apply(variables, tok, use_visual_cache=reuse_visual, **kw)
-        return jnp.argmax(logits[:, -1], axis=-1), cache
+        out = model.apply(variables, tok, attention_mask=mask, position_ids=position, cache=cache, cache_index=index,
+                          use_visual_cache=reuse_visual, method=LaVi.forward)
+        return jnp.argmax(out.logits[:, -1], axis=-1), out.cache
 
     return step
 

@@ -171,7 +171,7 @@ and `benchmarks/results/<name>.png`, and rebuilds this file from every result fi
   `conversions.import_hf`, float32, both pinned to the same cores and thread count (`--threads`),
   PyTorch under `inference_mode` with `OMP_WAIT_POLICY=PASSIVE`; outputs compared so speed never hides a
   wrong answer. Ratio = JAX time / PyTorch time (below 1: JAX faster).
-- **Training efficiency**: FLOPs of the compiled `train_lib.make_train_step` (forward, backward, AdamW) over
+- **Training efficiency**: FLOPs of the compiled `lavi_jax.train.make_train_step` (forward, backward, AdamW) over
   its median step time, against a large square `jnp.dot` timed interleaved with it (on GPU also the
   vendor's dense bf16 peak: MFU).
 - The machine may be shared: every side-by-side pair runs interleaved in one process, and the load average

@@ -1,6 +1,6 @@
 """Training efficiency: a train step's FLOPs (XLA cost analysis) over its measured time, against a matmul peak.
 
-The step is ``lavi_jax.train_lib.make_train_step`` (forward, backward, AdamW
+The step is ``lavi_jax.training.make_train_step`` (forward, backward, AdamW
 with clipping, every parameter trainable), jitted with the state donated as
 the trainer does. The peak is a large square matmul (``jnp.dot``) timed in the
 same run, interleaved with the train steps, so both see the same machine load;
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from lavi_jax import sharding, train_lib
+from lavi_jax import config as C, sharding, train as training
 from lavi_jax.models.lavi import LaVi
 
 # Dense (non-sparse) bf16 tensor-core peaks, FLOP/s, by substring of ``device_kind``; the first match wins.
@@ -36,14 +36,14 @@ def make_batch(m, batch: int, seq: int, frames: int) -> dict:
 def run(m, *, batch: int, seq: int, frames: int, reps: int, warmup: int = 1, matmul_n: int = 2048,
         matmul_dtype=jnp.float32, log=print) -> dict:
     model = LaVi(m)
-    c = train_lib.train_config(trainable="all", batch_size=batch, warmup_steps=1, num_steps=100)
-    tx = train_lib.make_optimizer(c)
-    patterns = train_lib.trainable_patterns(c.trainable)
+    c = C.train(trainable="all", batch_size=batch, warmup_steps=1, num_steps=100)
+    tx = training.make_optimizer(c)
+    patterns = training.trainable_patterns(c.trainable)
     data = make_batch(m, batch, seq, frames)
     params = sharding.init_params(model, jax.random.key(0), data["input_ids"][:, :8])
-    state = train_lib.TrainState(step=jnp.int32(0), params=params, opt_state=train_lib.init_opt_state(tx, params, patterns),
+    state = training.TrainState(step=jnp.int32(0), params=params, opt_state=training.init_opt_state(tx, params, patterns),
                                  nonfinite=jnp.int32(0))
-    step = jax.jit(train_lib.make_train_step(model, tx, c), donate_argnums=(0,))
+    step = jax.jit(training.make_train_step(model, tx, c), donate_argnums=(0,))
     compiled = step.lower(state, data).compile()
     flops = common.flops_of(compiled)
     holder = {"state": state}

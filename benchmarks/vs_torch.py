@@ -2,7 +2,7 @@
 
 A random ``Qwen2ForCausalLM`` (transformers, every weight random as in the
 parity tests) is saved with ``save_pretrained`` and imported with
-``conversions.import_hf.import_hf``, so both sides hold identical weights.
+:func:`lavi_jax.hf.import_hf`, so both sides hold identical weights.
 Rows: a full-sequence forward returning logits at every position (B=1, T=512
 and B=8, T=128) and greedy generation of 64 tokens from a 128-token prompt
 (HF ``generate(do_sample=False)`` with its default KV cache vs
@@ -32,9 +32,9 @@ def build(directory: str):
     """(hf_model, jax_model, jax_params) with the same random weights."""
     import transformers
 
-    from conversions.import_hf import import_hf
+    from conversions.random_hf import randomize
+    from lavi_jax.hf import import_hf
     from lavi_jax.models.lavi import LaVi
-    from tests.hf_models import randomize
 
     transformers.utils.logging.disable_progress_bar()
     hf = randomize(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**GEOMETRY)), seed=0)

@@ -1,6 +1,9 @@
 """The CPU demo: LaVi vs a text-only model on a synthetic VQA set, in a few minutes on 2 cores.
 
-    python train.py --config configs/demo.py --workdir /tmp/lavi_demo
+    python demo.py --workdir /tmp/lavi_demo
+
+``demo.py`` writes the data and sets ``config.data``'s paths; ``train.py`` takes
+this config too, for the same model on your own data (``--config.data.train_json``).
 
 A tiny SigLIP-shaped tower and a tiny Qwen2-shaped decoder, trained from
 scratch with the built-in byte-level tokenizer on coloured-shape questions
@@ -34,7 +37,7 @@ def get_config(arg: str = ""):
     config.train.update(num_steps=1200, batch_size=32, learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
                         clip_grad_norm=1.0, trainable="all", log_every=50, checkpoint_every=400, keep_checkpoints=1)
     config.evals.batch_size = 100
-    config.demo = C.ConfigDict({"enabled": True, "fusions": ("modulation", "none"), "num_train": 6000,
+    config.demo = C.ConfigDict({"fusions": ("modulation", "none"), "num_train": 6000,
                                 "num_eval": 300, "image_size": 64, "seed": 0, "train_turns": 1,
                                 "train_kinds": ("colour", "count", "side"), "grid": 4, "sentences": True,
                                 "jitter": False})

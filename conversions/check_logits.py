@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-IMAGE_TOKEN = "<image>"
+from lavi_jax.data.tokenizer import IMAGE_TOKEN
 
 
 def _tokenizer_dir(*dirs):

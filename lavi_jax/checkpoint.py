@@ -8,6 +8,9 @@ holds the items
 * ``train_state`` (training only): optimizer state and step;
 * ``data`` (training only): the grain iterator state.
 
+Training saves and restores go through :func:`save_train_state` and
+:func:`restore_train_state`.
+
 A training run keeps its checkpoints in ``<workdir>/checkpoints``; an import
 writes step 0 of ``CKPT_DIR``. Tokenizer files, when there are any, sit in
 ``<checkpoint dir>/tokenizer``.
@@ -19,13 +22,14 @@ import json
 import os
 from typing import Any
 
-import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from lavi_jax import sharding
+from lavi_jax.models.lavi import LaVi
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -50,8 +54,6 @@ def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool 
     handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
                 "config": ocp.JsonCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler()}
     if with_data:
-        import grain
-
         handlers["data"] = grain.checkpoint.CheckpointHandler()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=not read_only, read_only=read_only,
@@ -88,8 +90,6 @@ def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict
 
 def abstract_params_for(model_config: ml_collections.ConfigDict, mesh) -> Any:
     """ShapeDtypeStructs with shardings for the params of ``model_config`` on ``mesh``."""
-    from lavi_jax.models.lavi import LaVi
-
     shapes, specs = sharding.abstract_params(LaVi(model_config), jnp.zeros((1, 8), jnp.int32))
     shardings = sharding.logical_to_sharding(specs, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -119,11 +119,12 @@ def restore_params(path: str, model_config: ml_collections.ConfigDict, mesh=None
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
         meta = mngr.item_metadata(step)["params"]
-        check_tree(target, _metadata_tree(meta), f"{directory} step {step}")
+        check_tree(target, metadata_tree(meta), f"{directory} step {step}")
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
 
 
-def _metadata_tree(meta: Any) -> Any:
+def metadata_tree(meta: Any) -> Any:
+    """Orbax item metadata -> a tree of ShapeDtypeStructs (to compare with :func:`check_tree`)."""
     tree = getattr(meta, "tree", meta)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
@@ -136,11 +137,30 @@ def load(path: str, *, mesh=None, step: int | None = None):
     ``mesh`` (default: every device, data-parallel). The config is available as
     ``model.config`` (model part) and ``lavi_jax.checkpoint.read_config(path)``.
     """
-    from lavi_jax.models.lavi import LaVi
-
     config = read_config(path, step)
     model = LaVi(config.model)
     return model, restore_params(path, config.model, mesh, step)
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, train_state: dict, config: dict,
+                     data_iterator) -> None:
+    """Saves a training step (asynchronously): params, ``train_state`` (optimizer state, step, counters), the
+    config as JSON and the grain iterator's position."""
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
+        config=ocp.args.JsonSave(config), data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, train_state: dict,
+                        data_iterator) -> tuple[Any, dict]:
+    """Restores step ``step`` into the shardings of the abstract ``params`` / ``train_state`` targets and moves
+    ``data_iterator`` to the saved position. Raises :class:`CheckpointMismatch` naming the first param whose
+    presence or shape differs from the target. -> ``(params, train_state)``."""
+    check_tree(params, metadata_tree(mngr.item_metadata(step)["params"]), f"{mngr.directory} step {step}")
+    got = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params), train_state=ocp.args.StandardRestore(train_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return got["params"], got["train_state"]
 
 
 def tokenizer_dir(path: str) -> str | None:

@@ -15,13 +15,13 @@ token of a row is position 0, and generated token i of a row with n real prompt
 tokens sits at position n + i. The cache holds the prefix (T prompt tokens, or
 for ``fusion="concat"`` the T_out tokens of the prompt with visual tokens
 spliced in) followed by ``max_new_tokens - 1`` decode slots; padding keys are
-masked, so a padded row decodes exactly as it would alone.
+masked, so a padded row decodes exactly as it would alone. The concat prefix
+length and mask come from :func:`lavi_jax.models.splice.splice_layout`, i.e.
+from shapes and token ids alone.
 
 Visual inputs. ``fusion="modulation"``: the prefill runs the vision tower once
 and each conditioner stores its visual keys/values (``visual_cache``); every
-decode step reads them back and never touches the pixels. With
-``reuse_visual_cache=False`` each decode step recomputes the visual features
-from the pixels instead (same tokens, for speed comparisons).
+decode step reads them back and never touches the pixels.
 ``fusion="concat"``: the visual tokens are part of the cached prefix.
 
 Sampling (:class:`GenerationConfig`): ``temperature=0`` is greedy; otherwise
@@ -44,8 +44,11 @@ import jax
 import jax.numpy as jnp
 
 from lavi_jax import sharding
+from lavi_jax.data.batch import bucket_length
 from lavi_jax.models.decoder import init_cache
-from lavi_jax.models.lavi import default_positions, item_positions
+from lavi_jax.models.lavi import LaVi, default_positions
+from lavi_jax.models.projector import tokens_per_frame
+from lavi_jax.models.splice import splice_layout
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -94,17 +97,6 @@ def sample(logits: jax.Array, rng: jax.Array, greedy: bool, top_k: int, temperat
 # ----------------------------------------------------------------------------- the generator
 
 
-def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
-    """Smallest bucket >= ``length`` (past the largest: the next multiple of it; no buckets: ``length``)."""
-    if not buckets:
-        return length
-    for b in sorted(buckets):
-        if b >= length:
-            return b
-    top = max(buckets)
-    return -(-length // top) * top
-
-
 def right_align(input_ids: jax.Array, attention_mask: jax.Array, pad_id: int):
     """Rolls each row so its last real token is in the last column; padding becomes ``pad_id``."""
     T = input_ids.shape[1]
@@ -121,12 +113,11 @@ class Generator:
 
     Programs are cached per (prompt bucket, batch and pixel shapes, greedy,
     top_k); calls with the same shapes never recompile (``num_traces`` counts
-    tracings, i.e. compilations). ``reuse_visual_cache=False`` makes every
-    decode step recompute the visual features (modulation only).
+    tracings, i.e. compilations).
     """
 
     def __init__(self, model, *, max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                 buckets: Sequence[int] | None = DEFAULT_BUCKETS, reuse_visual_cache: bool = True):
+                 buckets: Sequence[int] | None = DEFAULT_BUCKETS):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         c = model.config
@@ -137,7 +128,6 @@ class Generator:
         self.stop_ids = tuple(int(s) for s in stop_ids)
         self.pad_id = int(pad_id)
         self.buckets = tuple(buckets) if buckets else None
-        self.reuse_visual_cache = bool(reuse_visual_cache)
         self.num_traces = {"prefill": 0, "decode": 0}
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
@@ -148,7 +138,7 @@ class Generator:
                  sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
         """-> (tokens [B, max_new_tokens] int32, lengths [B] int32)."""
         state = self.prefill(params, input_ids, attention_mask, pixel_values, item_mask)
-        return self.decode(params, state, pixel_values, item_mask, sampling=sampling, rng=rng)
+        return self.decode(params, state, sampling=sampling, rng=rng)
 
     def prefill(self, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None):
         """Runs the prompt (and the vision tower) once; returns the decode state."""
@@ -156,7 +146,7 @@ class Generator:
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
-        extra = bucket_length(input_ids.shape[1], self.buckets) - input_ids.shape[1]
+        extra = bucket_length(input_ids.shape[1], self.buckets, beyond="multiple") - input_ids.shape[1]
         if extra:
             input_ids = jnp.pad(input_ids, ((0, 0), (extra, 0)), constant_values=self.pad_id)
             attention_mask = jnp.pad(attention_mask, ((0, 0), (extra, 0)))
@@ -166,28 +156,18 @@ class Generator:
             pixel_values = item_mask = None
         return self._prefill(params, input_ids, attention_mask, pixel_values, item_mask)
 
-    def decode(self, params, state, pixel_values=None, item_mask=None, *,
-               sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
+    def decode(self, params, state, *, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
         """Samples ``max_new_tokens`` from a prefill state (consumed). -> (tokens, lengths)."""
         if rng is None:
             rng = jax.random.key(0)
-        if "item_index" in state and not self.reuse_visual_cache and pixel_values is None:
-            raise ValueError("reuse_visual_cache=False: pass the prompt's pixel_values to decode as well")
-        if not self._recompute_visual(pixel_values):
-            pixel_values = item_mask = None
-        elif item_mask is None:
-            item_mask = jnp.ones(pixel_values.shape[:3], jnp.bool_)
         greedy = sampling.temperature == 0
         rest = {k: v for k, v in state.items() if k != "cache"}
-        tokens, lengths, _ = self._decode(params, state["cache"], rest, pixel_values, item_mask, rng,
+        tokens, lengths, _ = self._decode(params, state["cache"], rest, rng,
                                           jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p),
                                           greedy=greedy, top_k=0 if greedy else int(sampling.top_k))
         return tokens, lengths
 
     # -- compiled pieces
-
-    def _recompute_visual(self, pixel_values) -> bool:
-        return pixel_values is not None and self.model.config.fusion == "modulation" and not self.reuse_visual_cache
 
     def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, item_mask):
         self.num_traces["prefill"] += 1
@@ -196,56 +176,44 @@ class Generator:
         B, T = ids.shape
         concat = c.fusion == "concat" and pixel_values is not None
         modulated = c.fusion == "modulation" and pixel_values is not None
-        P = T
-        if concat:  # the expanded prefix length, from the shapes alone
-            P = jax.eval_shape(lambda p: model.apply({"params": p}, ids, pixel_values, item_mask, attention_mask=mask,
-                                                     mutable=["visual_cache"]), params)[1]["visual_cache"]["concat_mask"].shape[1]
+        prefix_mask = mask
+        if concat:  # the expanded prefix, from shapes and token ids alone
+            prefix_mask = splice_layout(ids, mask, item_mask, c.image_token_id, tokens_per_frame(c)).mask
+        P = prefix_mask.shape[1]
         S = P + self.max_new_tokens - 1
         cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), init_cache(c.llm, B, S, c.dtype))
-        last = jnp.full((B, 1), T - 1, jnp.int32)  # prompts are right-aligned: logits of the last token only
-        if concat:
-            (logits, cache), vc = model.apply({"params": params}, ids, pixel_values, item_mask, attention_mask=mask,
-                                              cache=cache, cache_index=0, logits_at=last, mutable=["visual_cache"])
-            prefix_mask = vc["visual_cache"]["concat_mask"]
+        if concat:  # the mask covers the T text tokens; the model expands it as above
+            kw = dict(attention_mask=mask)
         else:
-            full = jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1)
-            (logits, cache), vc = model.apply({"params": params}, ids, pixel_values, item_mask, attention_mask=full,
-                                              position_ids=default_positions(mask), cache=cache, cache_index=0,
-                                              logits_at=last, mutable=["visual_cache"])
-            prefix_mask = mask
-        state = {
-            "cache": cache,
+            kw = dict(attention_mask=jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1),
+                      position_ids=default_positions(mask))
+        last = jnp.full((B, 1), T - 1, jnp.int32)  # prompts are right-aligned: logits of the last token only
+        out, vc = model.apply({"params": params}, ids, pixel_values, item_mask, cache=cache, cache_index=0,
+                              logits_at=last, method=LaVi.forward, mutable=["visual_cache"], **kw)
+        return {
+            "cache": out.cache,
             "mask": jnp.pad(prefix_mask.astype(jnp.int32), ((0, 0), (0, S - P)), constant_values=1),
             "next_position": jnp.sum(prefix_mask, axis=1, dtype=jnp.int32),
-            "logits": logits[:, -1],
-            "visual_cache": vc.get("visual_cache", {}) if modulated and self.reuse_visual_cache else {},
+            "logits": out.logits[:, -1],
+            "visual_cache": vc.get("visual_cache", {}) if modulated else {},
         }
-        if modulated:
-            state["item_index"] = item_positions(ids, c.image_token_id, pixel_values.shape[1])
-        return state
 
-    def _decode_fn(self, params, cache, state, pixel_values, item_mask, rng, temperature, top_p, *, greedy, top_k):
+    def _decode_fn(self, params, cache, state, rng, temperature, top_p, *, greedy, top_k):
         self.num_traces["decode"] += 1
-        model, c = self.model, self.model.config
+        model = self.model
         n, stops, pad = self.max_new_tokens, jnp.asarray(self.stop_ids, jnp.int32), self.pad_id
         B, S = state["mask"].shape
         P = S - (n - 1)
-        reuse = bool(state["visual_cache"])
+        reuse = bool(state["visual_cache"])  # modulation with images: conditioners read their cached visual K/V
+        variables = {"params": params, "visual_cache": state["visual_cache"]} if reuse else {"params": params}
 
         def is_stop(tok):
             return jnp.isin(tok, stops) if self.stop_ids else jnp.zeros(tok.shape, jnp.bool_)
 
         def step(tok, cache, i):  # feeds generated token i-1 (cache index P+i-1), returns logits for token i
-            kw = dict(attention_mask=state["mask"], position_ids=(state["next_position"] + i - 1)[:, None],
-                      cache=cache, cache_index=P + i - 1)
-            if reuse:
-                return model.apply({"params": params, "visual_cache": state["visual_cache"]}, tok[:, None],
-                                   use_visual_cache=True, **kw)
-            if pixel_values is not None:
-                # Tie the pixels to the step so the vision tower is not hoisted out of the loop.
-                pix, _ = jax.lax.optimization_barrier((pixel_values, i))
-                return model.apply({"params": params}, tok[:, None], pix, item_mask, item_index=state["item_index"], **kw)
-            return model.apply({"params": params}, tok[:, None], **kw)
+            out = model.apply(variables, tok[:, None], attention_mask=state["mask"], position_ids=(state["next_position"] + i - 1)[:, None],
+                              cache=cache, cache_index=P + i - 1, use_visual_cache=reuse, method=LaVi.forward)
+            return out.logits, out.cache
 
         def choose(logits, i):
             return sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p)
@@ -281,18 +249,17 @@ _GENERATORS: dict = {}
 
 def generate(model, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, *,
              max_new_tokens: int, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None,
-             stop_ids: Sequence[int] = (), pad_id: int = 0, reuse_visual_cache: bool = True):
+             stop_ids: Sequence[int] = (), pad_id: int = 0):
     """Generates up to ``max_new_tokens`` per row. -> (tokens [B, max_new_tokens] int32, lengths [B] int32).
 
     ``tokens[b, :lengths[b]]`` is row b's output; a stopped row then holds its
     stop token and ``pad_id``. Compiled programs are kept per model and settings.
     """
-    key = (id(model), int(max_new_tokens), tuple(stop_ids), int(pad_id), bool(reuse_visual_cache))
+    key = (id(model), int(max_new_tokens), tuple(stop_ids), int(pad_id))
     if key not in _GENERATORS or _GENERATORS[key][0] is not model:
         if len(_GENERATORS) >= 32:
             _GENERATORS.pop(next(iter(_GENERATORS)))
-        _GENERATORS[key] = (model, Generator(model, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                                             reuse_visual_cache=reuse_visual_cache))
+        _GENERATORS[key] = (model, Generator(model, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id))
     return _GENERATORS[key][1](params, input_ids, attention_mask, pixel_values, item_mask, sampling=sampling, rng=rng)
 
 
@@ -308,7 +275,7 @@ def measure_speed(generator: Generator, params, input_ids, attention_mask=None, 
         t0 = time.perf_counter()
         state = jax.block_until_ready(generator.prefill(params, input_ids, attention_mask, pixel_values, item_mask))
         t1 = time.perf_counter()
-        tokens, lengths = jax.block_until_ready(generator.decode(params, state, pixel_values, item_mask, sampling=sampling))
+        tokens, lengths = jax.block_until_ready(generator.decode(params, state, sampling=sampling))
         return t1 - t0, time.perf_counter() - t1, tokens
 
     once()

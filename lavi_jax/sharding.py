@@ -93,6 +93,16 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global arrays, dim 0 sharded over the batch axes.
+
+    Every process passes its own rows of every array (the same keys on every
+    process); the global batch is their concatenation in process order.
+    """
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavi_jax import distributed, sharding, train_lib  # noqa: E402
+from lavi_jax import distributed, sharding, train as training  # noqa: E402
 
 
 def main(num_processes: int, process_id: int, port: int) -> None:
@@ -27,13 +27,13 @@ def main(num_processes: int, process_id: int, port: int) -> None:
     cfg.train.update(trainable="all", learning_rate=1e-2, warmup_steps=1, num_steps=3)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = lavi_jax.LaVi(cfg.model)
-    tx = train_lib.make_optimizer(cfg.train)
-    patterns = train_lib.trainable_patterns(cfg.train.trainable)
+    tx = training.make_optimizer(cfg.train)
+    patterns = training.trainable_patterns(cfg.train.trainable)
     ids0 = jnp.zeros((1, 8), jnp.int32)
-    _, shardings = train_lib.state_shardings(model, tx, patterns, mesh, ids0)
-    state = train_lib.create_state(sharding.init_params(model, jax.random.key(0), ids0, mesh=mesh), tx, patterns, shardings)
+    _, shardings = training.state_shardings(model, tx, patterns, mesh, ids0)
+    state = training.create_state(sharding.init_params(model, jax.random.key(0), ids0, mesh=mesh), tx, patterns, shardings)
     keys = {"input_ids": 2, "attention_mask": 2, "loss_mask": 2, "pixel_values": 6, "item_mask": 3}
-    step = jax.jit(train_lib.make_train_step(model, tx, cfg.train), in_shardings=(shardings, None),
+    step = jax.jit(training.make_train_step(model, tx, cfg.train), in_shardings=(shardings, None),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     rng = np.random.default_rng(0)
     B, T, s = 8, 16, cfg.model.vision.image_size

@@ -5,7 +5,6 @@ import lavi_jax
 
 def small_config(vqa, **train):
     config = lavi_jax.configs.get("configs/demo.py")
-    config.demo.enabled = False
     config.model.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8)
     config.model.vision.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=32, patch_size=8)
     config.model.projector.pool = 1

@@ -7,7 +7,7 @@ import transformers
 from flax import traverse_util
 
 import lavi_jax
-from conversions import hf_config
+from lavi_jax.hf import config as hf_config
 from lavi_jax import sharding
 
 CONFIGS = ["configs/lavi_qwen2_7b_siglip.py", "configs/lavi_vicuna7b_clip336.py", "configs/llava_ov_7b_concat.py"]

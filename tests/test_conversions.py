@@ -1,6 +1,7 @@
 """Checkpoint porting: HF import (streaming, sharded, scanned), HF export bit for bit, LLaVA, the PyTorch
 LaVi reference, the logit checker and the CLIs' error messages."""
 
+import argparse
 import json
 import os
 import shutil
@@ -15,12 +16,13 @@ from flax import traverse_util
 from PIL import Image
 
 import lavi_jax
-from conversions import check_logits, export_hf, import_hf, mapping, weights
+from conversions import check_logits, export_hf as export_cli, import_hf as import_cli
 from conversions.torch_lavi import LaViReference
-from conversions.weights import SafetensorsReader
 from lavi_jax import checkpoint
 from lavi_jax import config as C
 from lavi_jax import sharding
+from lavi_jax.hf import exporter, importer, mapping, placement, safetensors_io
+from lavi_jax.hf.safetensors_io import SafetensorsReader
 from lavi_jax.models.lavi import LaVi
 from tests import hf_models
 
@@ -81,10 +83,10 @@ LLM_CASES = [(arch, tie, gqa) for arch in ("qwen2", "llama") for tie in (False, 
 @pytest.mark.parametrize("arch,tie,gqa", LLM_CASES, ids=[f"{a}-{'tied' if t else 'untied'}-{'gqa' if g else 'mha'}" for a, t, g in LLM_CASES])
 def test_llm_roundtrip_is_bit_exact(hf, tmp_path, arch, tie, gqa, scan):
     path, model = hf(arch, tie=tie, kv_heads=2 if gqa else 4)
-    cfg, params = import_hf.import_hf(path, scan=scan)
+    cfg, params = importer.import_hf(path, scan=scan)
     assert cfg.fusion == "none" and cfg.scan_layers == scan and cfg.llm.tie_word_embeddings == tie
     assert ("blocks" in params["llm"]) == scan
-    export_hf.export_params(cfg, params, str(tmp_path / "out"))
+    exporter.export_params(cfg, params, str(tmp_path / "out"))
     src, dst = tensors(path), tensors(str(tmp_path / "out" / "llm"))
     assert sorted(src) == sorted(dst)
     for name in src:
@@ -103,7 +105,7 @@ def test_cli_import_then_load_matches_hf_logits(hf, tmp_path, arch, scan, capsys
     shutil.copytree(path, tmp_path / "hf")
     hf_models.tokenizer(tmp_path / "hf")
     out, exported = str(tmp_path / "ckpt"), str(tmp_path / "out")
-    assert import_hf.main(["--llm", str(tmp_path / "hf"), "--out", out] + (["--scan"] if scan else [])) == 0
+    assert import_cli.main(["--llm", str(tmp_path / "hf"), "--out", out] + (["--scan"] if scan else [])) == 0
     assert "wrote" in capsys.readouterr().out
     config = checkpoint.read_config(out)
     assert checkpoint.tokenizer_dir(out) == config.data.tokenizer == os.path.join(out, "tokenizer")
@@ -122,10 +124,10 @@ def test_cli_import_then_load_matches_hf_logits(hf, tmp_path, arch, scan, capsys
     err = np.abs(ours - ref)[mask.astype(bool)].max()
     print(f"{arch} (scan={scan}) via CLI + lavi_jax.load: max abs logit diff vs HF {err:.2e}")
     assert err < ATOL and np.abs(ref).max() > 0.1
-    assert import_hf.main(["--llm", str(tmp_path / "hf"), "--out", out]) == 1  # refuses to overwrite
+    assert import_cli.main(["--llm", str(tmp_path / "hf"), "--out", out]) == 1  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
 
-    assert export_hf.main(["--ckpt", out, "--out", exported]) == 0
+    assert export_cli.main(["--ckpt", out, "--out", exported]) == 0
     assert sorted(os.listdir(exported)) == ["llm"]
     assert transformers.AutoTokenizer.from_pretrained(os.path.join(exported, "llm"))("a red circle")["input_ids"]
     assert check_logits.main(["--ckpt", out, "--hf", os.path.join(exported, "llm"), "--prompt", "a red circle"]) == 0
@@ -139,11 +141,11 @@ def test_sharded_import_equals_unsharded(hf, monkeypatch):
     llm, _ = hf("qwen2", kv_heads=2)
     vis, _ = hf("siglip")
     base = C.model(conditioner=C.conditioner(width=32, num_heads=4), scan_layers=True)
-    monkeypatch.setattr(weights, "HOST_STACK_BYTES", 0)
+    monkeypatch.setattr(placement, "HOST_STACK_BYTES", 0)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    cfg, sharded = import_hf.import_hf(llm, vis, base, mesh=mesh)
-    monkeypatch.setattr(weights, "HOST_STACK_BYTES", 2**30)
-    _, single = import_hf.import_hf(llm, vis, base, mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    cfg, sharded = importer.import_hf(llm, vis, base, mesh=mesh)
+    monkeypatch.setattr(placement, "HOST_STACK_BYTES", 2**30)
+    _, single = importer.import_hf(llm, vis, base, mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     assert_trees_equal(sharded, single)
     up = sharded["llm"]["blocks"]["layers_0"]["mlp"]["up_proj"]["kernel"]  # [layers, embed, mlp]
     assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -153,11 +155,12 @@ def test_sharded_import_equals_unsharded(hf, monkeypatch):
 def test_import_from_sharded_safetensors(hf, tmp_path, monkeypatch):
     single, _ = hf("qwen2", kv_heads=2)
     multi, _ = hf_models.qwen2(tmp_path / "multi", kv_heads=2, max_shard_size="40KB")
-    assert os.path.exists(os.path.join(multi, weights.INDEX))
+    assert os.path.exists(os.path.join(multi, safetensors_io.INDEX))
     assert len([f for f in os.listdir(multi) if f.endswith(".safetensors")]) > 2
-    _, a = import_hf.import_hf(single)
-    monkeypatch.setattr(weights, "CHUNK_BYTES", 1000)  # also: large tensors converted in row chunks
-    _, b = import_hf.import_hf(multi)
+    _, a = importer.import_hf(single)
+    monkeypatch.setattr(placement, "CHUNK_BYTES", 1000)  # also: large tensors converted in row chunks
+    monkeypatch.setattr(safetensors_io, "READ_CHUNK_BYTES", 1000)  # and read in row chunks
+    _, b = importer.import_hf(multi)
     assert_trees_equal(a, b)
 
 
@@ -167,13 +170,13 @@ def test_bfloat16_checkpoint(tmp_path, monkeypatch):
     model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
     src = tensors(str(tmp_path / "bf16"))
     assert src["model.norm.weight"].dtype == np.dtype("bfloat16")
-    cfg, params = import_hf.import_hf(str(tmp_path / "bf16"), dtype="bfloat16")
+    cfg, params = importer.import_hf(str(tmp_path / "bf16"), dtype="bfloat16")
     assert params["llm"]["norm"]["scale"].dtype == jnp.bfloat16
-    export_hf.export_params(cfg, params, str(tmp_path / "out"))
+    exporter.export_params(cfg, params, str(tmp_path / "out"))
     dst = tensors(str(tmp_path / "out" / "llm"))
     assert all(src[n].tobytes() == dst[n].tobytes() for n in src)
-    monkeypatch.setattr(weights, "CHUNK_BYTES", 1000)  # upcast to float32, in row chunks
-    _, p32 = import_hf.import_hf(str(tmp_path / "bf16"))
+    monkeypatch.setattr(placement, "CHUNK_BYTES", 1000)  # upcast to float32, in row chunks
+    _, p32 = importer.import_hf(str(tmp_path / "bf16"))
     for path, name in [(("norm", "scale"), "model.norm.weight"), (("lm_head", "kernel"), "lm_head.weight"),
                        (("layers_1", "mlp", "down_proj", "kernel"), "model.layers.1.mlp.down_proj.weight")]:
         leaf = p32["llm"]
@@ -195,7 +198,7 @@ def _rewrite(path, drop=(), add=None):
         if f.endswith(".safetensors"):
             os.remove(os.path.join(path, f))
     specs = [(n, x.shape, x.dtype, lambda x=x: x) for n, x in t.items()]
-    weights.write_safetensors(path, specs)
+    safetensors_io.write_safetensors(path, specs)
 
 
 def _edit_config(path, **kv):
@@ -225,7 +228,7 @@ def test_import_errors_are_one_line(tmp_path, capsys, case):
     edit, message = ERRORS[case]
     edit(path)
     capsys.readouterr()
-    assert import_hf.main(["--llm", path, "--out", str(tmp_path / "ckpt")]) == 1
+    assert import_cli.main(["--llm", path, "--out", str(tmp_path / "ckpt")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("import_hf: error: ") and "\n" not in err, err
     assert message in err, err
@@ -237,9 +240,9 @@ def test_full_siglip_model_as_vision_source(hf, tmp_path):
     """A full SiglipModel dir: the vision tower is mapped, the text tower and heads are reported, not errors."""
     llm, _ = hf("qwen2", kv_heads=2)
     path, model = hf_models.siglip_full(tmp_path / "siglip")
-    cfg, sources = import_hf.plan(llm, path)
+    cfg, sources = importer.plan(llm, path)
     assert cfg.fusion == "modulation" and cfg.vision.hidden_size == 48 and cfg.vision.num_layers == 3
-    notes = import_hf.check_names(sources[1])
+    notes = importer.check_names(sources[1])
     assert any("text tower" in n for n in notes) and any("pooling head" in n for n in notes)
     sd = model.state_dict()
     for e in sources[1].entries:
@@ -250,7 +253,7 @@ def test_full_siglip_model_as_vision_source(hf, tmp_path):
 
 def test_pickled_checkpoints_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(weights.ConversionError, match="pickled"):
+    with pytest.raises(safetensors_io.ConversionError, match="pickled"):
         SafetensorsReader(str(tmp_path))
 
 
@@ -279,7 +282,7 @@ def test_llava_concat_matches_hf_llava(hf, tmp_path, vision, text):
     """LLaVA -> concat fusion: logits equal HF LLaVA's on two images per row; the export's PyTorch reference too."""
     path, model = hf("llava", vision=vision, text=text)
     notes = []
-    cfg, params = import_hf.import_hf(llava_dir=path, log=notes.append)
+    cfg, params = importer.import_hf(llava_dir=path, log=notes.append)
     assert cfg.fusion == "concat" and cfg.image_token_id == 299
     assert cfg.vision.drop_cls == (vision == "clip") and tuple(cfg.vision.feature_layers) == ((-2,) if vision == "clip" else (-1,))
     assert any("pooling head" in n for n in notes) == (vision == "siglip")
@@ -291,7 +294,7 @@ def test_llava_concat_matches_hf_llava(hf, tmp_path, vision, text):
     err = np.abs(ours - np.take_along_axis(ref, pos[:, :, None], 1)).max()
     print(f"llava {vision}+{text} concat: max abs logit diff vs HF LLaVA {err:.2e}")
     assert err < ATOL
-    export_hf.export_params(cfg, params, str(tmp_path / "out"))
+    exporter.export_params(cfg, params, str(tmp_path / "out"))
     with torch.no_grad():
         torch_ref = LaViReference.from_pretrained(str(tmp_path / "out"))(torch.from_numpy(ids), torch.from_numpy(pix)).numpy()
     err = np.abs(ours - torch_ref).max()
@@ -303,7 +306,7 @@ def test_llava_onevision_import(hf):
     """LLaVA-OneVision: LLM, vision tower and projector imported as is; image_newline reported, not imported."""
     path, model = hf("llava", vision="siglip", text="qwen2", onevision=True)
     notes = []
-    cfg, params = import_hf.import_hf(llava_dir=path, log=notes.append)
+    cfg, params = importer.import_hf(llava_dir=path, log=notes.append)
     assert any("image_newline" in n or "newline" in n for n in notes)
     src = tensors(path)
     find = lambda suffix: next(v for k, v in src.items() if k.endswith(suffix))
@@ -313,7 +316,7 @@ def test_llava_onevision_import(hf):
                                   model.get_input_embeddings().weight.detach().numpy())
     # LaVi on LLaVA-OV's towers: the LLaVA projector is left out (reported), ours is fresh.
     notes = []
-    cfg, params = import_hf.import_hf(llava_dir=path, fusion="modulation",
+    cfg, params = importer.import_hf(llava_dir=path, fusion="modulation",
                                       base=C.model(conditioner=C.conditioner(width=32, num_heads=4)), log=notes.append)
     assert cfg.fusion == "modulation" and any("LLaVA projector" in n for n in notes)
     assert params["projector"]["linear_1"]["kernel"].shape == (48, 32)
@@ -339,10 +342,10 @@ def test_torch_reference_matches_jax(hf, tmp_path, variant):
     base = C.model(conditioner=C.conditioner(width=32, num_heads=4, **v["conditioner"]),
                    projector=C.projector(max_frames=4, **v["projector"]), scan_layers=v.get("scan", False),
                    vision=C.vision(feature_layers=(-2, -1)))
-    cfg, params = import_hf.import_hf(llm, vis, base)
+    cfg, params = importer.import_hf(llm, vis, base)
     params = perturb(params)
     out = str(tmp_path / "out")
-    export_hf.export_params(cfg, params, out)
+    exporter.export_params(cfg, params, out)
     assert json.load(open(os.path.join(out, "lavi", "config.json")))["modulated_norms"] == mapping.modulated_norms(cfg)
 
     ids = ids_batch(cfg.llm.vocab_size, cfg.image_token_id, [(2, 7), (5,)])
@@ -361,11 +364,11 @@ def test_torch_reference_matches_jax(hf, tmp_path, variant):
     assert np.abs(ours - plain).max() > 0.1  # the deltas matter
     np.testing.assert_allclose(ours[0, :2], plain[0, :2], atol=ATOL)  # before the first image: the plain LLM
 
-    _, back = import_hf.import_hf(lavi_dir=out)
+    _, back = importer.import_hf(lavi_dir=out)
     assert_trees_equal(back, params)
     if variant == "attention":  # weights saved from PyTorch import back too
         ref_model.save_pretrained(str(tmp_path / "from_torch"))
-        _, back = import_hf.import_hf(lavi_dir=str(tmp_path / "from_torch"))
+        _, back = importer.import_hf(lavi_dir=str(tmp_path / "from_torch"))
         assert_trees_equal(back, params)
 
 
@@ -377,17 +380,17 @@ def test_cli_export_reimport_and_check_logits(hf, tmp_path, capsys):
     conf.write_text("from lavi_jax import config as C\n\n\ndef get_config(arg=''):\n    c = C.ConfigDict()\n"
                     "    c.model = C.model(conditioner=C.conditioner(width=32, num_heads=4))\n    return c\n")
     ckpt, trained, out, back = (str(tmp_path / n) for n in ("ckpt", "trained", "out", "back"))
-    assert import_hf.main(["--llm", llm, "--vision", vis, "--config", str(conf), "--out", ckpt]) == 0
+    assert import_cli.main(["--llm", llm, "--vision", vis, "--config", str(conf), "--out", ckpt]) == 0
     config = checkpoint.read_config(ckpt)
     assert config.model.fusion == "modulation" and config.model.conditioner.width == 32
     assert config.data.processor == "siglip" and config.data.image_size == 32
     _, params = lavi_jax.load(ckpt)
     checkpoint.save_params(trained, config, perturb(params))  # stands in for a trained checkpoint
-    assert export_hf.main(["--ckpt", trained, "--out", out]) == 0
+    assert export_cli.main(["--ckpt", trained, "--out", out]) == 0
     assert sorted(os.listdir(out)) == ["lavi", "llm", "vision"]
     vision, info = transformers.SiglipVisionModel.from_pretrained(os.path.join(out, "vision"), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert import_hf.main(["--lavi", out, "--out", back]) == 0
+    assert import_cli.main(["--lavi", out, "--out", back]) == 0
     assert_trees_equal(lavi_jax.load(trained)[1], lavi_jax.load(back)[1])
     capsys.readouterr()
 
@@ -400,3 +403,10 @@ def test_cli_export_reimport_and_check_logits(hf, tmp_path, capsys):
     other, _ = hf("llama", kv_heads=2, seed=1)
     assert check_logits.main(["--ckpt", trained, "--hf", other]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_cli_mesh_is_the_configs_with_flags_replacing_axes():
+    config = C.ConfigDict({"mesh": {"data": -1, "fsdp": 4, "tensor": 1}})
+    args = lambda **kw: argparse.Namespace(**{"mesh_data": None, "mesh_fsdp": None, "mesh_tensor": None, **kw})
+    assert import_cli.mesh_shape(args(mesh_tensor=2), config) == {"data": -1, "fsdp": 4, "tensor": 2}
+    assert import_cli.mesh_shape(args(), None) is None and import_cli.mesh_shape(args(mesh_fsdp=8), None) == {"fsdp": 8}

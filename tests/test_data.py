@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from lavi_jax import data as D
-from lavi_jax.data import synthetic
+from lavi_jax import config as C
+from lavi_jax.demo import synthetic
+from lavi_jax.demo.synthetic import write_synthetic_vqa
 
 # --------------------------------------------------------------------------- helpers
 
@@ -87,7 +89,7 @@ def _config(tmp_path, records, **overrides):
     defaults = dict(train_json=str(path), eval_json=str(path), image_root=str(tmp_path), image_size=16,
                     seq_buckets=(32, 64), num_threads=2, max_bad_records=0)
     defaults.update(overrides)
-    return D.data_config(**defaults)
+    return C.data(**defaults)
 
 
 def _question_ids(batch, tok=D.ByteTokenizer()):
@@ -469,9 +471,9 @@ def _analyse(image, item):
 @pytest.mark.parametrize("grid,sentences,jitter", [(0, False, True), (4, True, True), (4, True, False)])
 def test_synthetic_set_is_deterministic_and_correct(tmp_path, grid, sentences, jitter):
     kw = dict(num_train=90, num_eval=30, grid=grid, sentences=sentences, jitter=jitter)
-    a = D.write_synthetic_vqa(str(tmp_path / "a"), seed=5, **kw)
-    b = D.write_synthetic_vqa(str(tmp_path / "b"), seed=5, **kw)
-    c = D.write_synthetic_vqa(str(tmp_path / "c"), seed=6, **kw)
+    a = write_synthetic_vqa(str(tmp_path / "a"), seed=5, **kw)
+    b = write_synthetic_vqa(str(tmp_path / "b"), seed=5, **kw)
+    c = write_synthetic_vqa(str(tmp_path / "c"), seed=6, **kw)
     train = json.loads(open(a["train_json"]).read())
     assert train == json.loads(open(b["train_json"]).read()) != json.loads(open(c["train_json"]).read())
     png = "images/train-00007.png"
@@ -514,7 +516,7 @@ def test_synthetic_set_is_deterministic_and_correct(tmp_path, grid, sentences, j
 
 @pytest.mark.parametrize("kinds", [synthetic.QUESTION_TYPES, synthetic.QUESTION_TYPES + ("shape",)])
 def test_synthetic_multi_turn_training_records(tmp_path, kinds):
-    paths = D.write_synthetic_vqa(str(tmp_path), num_train=30, num_eval=9, seed=1, train_turns=5, train_kinds=kinds)
+    paths = write_synthetic_vqa(str(tmp_path), num_train=30, num_eval=9, seed=1, train_turns=5, train_kinds=kinds)
     for record in json.loads(open(paths["train_json"]).read()):
         turns = record["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * 5
@@ -539,14 +541,14 @@ def test_synthetic_multi_turn_training_records(tmp_path, kinds):
     held_out = json.loads(open(paths["eval_json"]).read())
     assert all(len(r["conversations"]) == 2 and r["question_type"] in synthetic.QUESTION_TYPES for r in held_out)
     with pytest.raises(ValueError, match="train_turns"):
-        D.write_synthetic_vqa(str(tmp_path / "x"), num_train=1, num_eval=1, train_turns=0)
+        write_synthetic_vqa(str(tmp_path / "x"), num_train=1, num_eval=1, train_turns=0)
     with pytest.raises(ValueError, match="train_kinds"):
-        D.write_synthetic_vqa(str(tmp_path / "y"), num_train=1, num_eval=1, train_turns=2, train_kinds=("size",))
+        write_synthetic_vqa(str(tmp_path / "y"), num_train=1, num_eval=1, train_turns=2, train_kinds=("size",))
 
 
 def test_synthetic_single_turn_kinds_and_captions(tmp_path):
     kinds = synthetic.QUESTION_TYPES + ("shape", "caption")
-    paths = D.write_synthetic_vqa(str(tmp_path), num_train=20, num_eval=6, seed=2, train_kinds=kinds, grid=4)
+    paths = write_synthetic_vqa(str(tmp_path), num_train=20, num_eval=6, seed=2, train_kinds=kinds, grid=4)
     for i, record in enumerate(json.loads(open(paths["train_json"]).read())):
         assert len(record["conversations"]) == 2 and record["question_type"] == kinds[i % len(kinds)]
         if record["question_type"] == "caption":  # every shape once, left to right

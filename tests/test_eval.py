@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 
 import lavi_jax
-from lavi_jax import checkpoint, evaluation, evaluators, sharding, trainer
-from lavi_jax.data import write_synthetic_vqa
+import lavi_jax.eval as lavi_eval
+from lavi_jax import checkpoint, sharding
+from lavi_jax.data import make_components
+from lavi_jax.data.media import MediaLoader, media_items
+from lavi_jax.demo.synthetic import write_synthetic_vqa
+from lavi_jax.eval import scorers
+from lavi_jax.eval.runner import conversation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 5
@@ -77,20 +82,20 @@ def tasks(setup):
     config = setup["config"].copy_and_resolve_references()
     config.evals.tasks = "llava_json,pope"
     # No answer-format suffix: both tasks' prompts then fall in one length bucket and share compiled programs.
-    config.evals.pope = (f"questions={setup['pope']},image_root={setup['paths']['image_root']},"
-                         f"max_new_tokens={MAX_NEW},prompt_suffix=none")
+    config.evals.pope.update(questions=setup["pope"], image_root=setup["paths"]["image_root"], max_new_tokens=MAX_NEW)
+    config.evals.pope.options.prompt_suffix = None
     config.evals.max_new_tokens = MAX_NEW
-    return config, evaluation.parse_tasks(config)
+    return config, lavi_eval.tasks_from_config(config)
 
 
 def run_on(setup, n, out):
     config, task_list = tasks(setup)
     mesh = sharding.make_mesh({"data": n}, devices=jax.devices()[:n])
     model = lavi_jax.LaVi(config.model)
-    tokenizer, processor = trainer.data_components(config)
+    tokenizer, processor = make_components(config)
     params = checkpoint.restore_params(setup["ckpt"], config.model, mesh)
-    runner = evaluation.make_runner(config, model, mesh, tokenizer, processor)
-    return runner, params, evaluation.run_tasks(runner, params, task_list, out)
+    runner = lavi_eval.make_runner(config, model, mesh, tokenizer, processor)
+    return runner, params, lavi_eval.run_tasks(runner, params, task_list, out)
 
 
 def strip(result):
@@ -110,7 +115,7 @@ def test_tasks_from_config(setup):
     assert pope.options == {"prompt_suffix": None}
     config.evals = ml_collections.ConfigDict({"tasks": {"pope_small": {"name": "pope", "questions": "q.jsonl", "limit": 2}},
                                               "max_new_tokens": MAX_NEW})
-    (t,) = evaluation.parse_tasks(config)
+    (t,) = lavi_eval.tasks_from_config(config)
     assert (t.name, t.label, t.questions, t.limit, t.max_new_tokens) == ("pope", "pope_small", "q.jsonl", 2, MAX_NEW)
 
 
@@ -128,7 +133,7 @@ def test_predictions_equal_generation_of_each_sample_alone(setup, runs):
     runner, params, (llava, _) = runs[1]
     tokenizer, root = runner.tokenizer, setup["paths"]["image_root"]
     gen = runner.generator(MAX_NEW)
-    samples = evaluators.LlavaJsonEvaluator().load(setup["paths"]["eval_json"], image_root=root)
+    samples = scorers.LlavaJsonEvaluator().load(setup["paths"]["eval_json"], image_root=root)
     by_id = {r["id"]: r for r in llava["per_sample"]}
     put = lambda x: jax.device_put(x, sharding.batch_sharding(runner.mesh, x.ndim))
     for s in samples[:3]:
@@ -136,7 +141,7 @@ def test_predictions_equal_generation_of_each_sample_alone(setup, runs):
         ids = np.full((8, 64), tokenizer.pad_id, np.int32)
         ids[:, :len(prompt)] = prompt
         mask = (np.arange(64)[None] < np.r_[len(prompt), [1] * 7][:, None]).astype(np.int32)
-        pix, item_mask = evaluation.MediaLoader(runner.processor, 1, 1, root, None)(s)
+        pix, item_mask = MediaLoader(runner.processor, 1, root, None, joined=True)(s, 1)
         pix = np.repeat(pix[None], 8, 0)
         item_mask = np.repeat(item_mask[None], 8, 0)
         with sharding.use_mesh(runner.mesh):
@@ -163,15 +168,15 @@ def test_media_loader_videos_and_embedded_images(tmp_path):
     frames[1].save(buffer, format="PNG")
     sample = {"id": "v", "prompt": "What happens?", "image": None, "video": str(tmp_path / "clip"),
               "metadata": {"image_base64": base64.b64encode(buffer.getvalue()).decode()}}
-    assert [k for k, _ in evaluation.media_items(sample)] == ["base64", "video"]
-    assert evaluation.conversation(sample, 2)[0]["value"] == "<image>\n<image>\nWhat happens?"
-    pixels, mask = evaluation.MediaLoader(processor, 3, 3, str(tmp_path), None)(sample)
+    assert [k for k, _ in media_items(sample)] == ["base64", "video"]
+    assert conversation(sample, 2)[0]["value"] == "<image>\n<image>\nWhat happens?"
+    pixels, mask = MediaLoader(processor, 3, str(tmp_path), None, joined=True)(sample, 3)
     assert pixels.shape == (3, 3, 16, 16, 3)
     np.testing.assert_array_equal(mask, [[True, False, False], [True, True, True], [False, False, False]])
     np.testing.assert_allclose(pixels[0, 0], processor(frames[1]))
     np.testing.assert_allclose(pixels[1, 2], processor(frames[4]))  # frames 0, 2, 4 of 5
     with pytest.raises(ValueError, match="outside the image root"):
-        evaluation.MediaLoader(processor, 1, 1, str(tmp_path / "clip"), None)({"image": str(tmp_path / "clip/../x.png")})
+        MediaLoader(processor, 1, str(tmp_path / "clip"), None, joined=True)({"image": str(tmp_path / "clip/../x.png")}, 1)
 
 
 def test_missing_images_are_scored_wrong_with_reason(runs):
@@ -196,7 +201,7 @@ def test_results_files(setup, runs):
                 saved = json.load(f)
             assert saved["metrics"] == result["metrics"] and saved["per_sample"] == json.loads(json.dumps(result["per_sample"]))
             assert {"id", "prediction", "error", "prompt"} <= set(saved["per_sample"][0])
-    table = evaluation.summary_table(runs[1][2])
+    table = lavi_eval.summary_table(runs[1][2])
     assert "llava_json" in table and "pope" in table and "exact_match" in table and "f1" in table
 
 
@@ -211,7 +216,8 @@ def test_cli_two_processes_match_in_process_run(setup, runs, tmp_path):
     args = ["--config", os.path.join(ROOT, "configs/demo.py"), "--ckpt", setup["ckpt"], "--out", str(tmp_path),
             "--config.evals.tasks=llava_json,pope", "--config.evals.batch_size=8",
             f"--config.evals.max_new_tokens={MAX_NEW}", "--config.data.num_threads=2",
-            f"--config.evals.pope=questions={setup['pope']},image_root={setup['paths']['image_root']},prompt_suffix=none"]
+            f"--config.evals.pope.questions={setup['pope']}", f"--config.evals.pope.image_root={setup['paths']['image_root']}",
+            "--config.evals.pope.options.prompt_suffix=none"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                LAVI_NO_PROGRESS="1")
     port = free_port()
@@ -237,7 +243,9 @@ def test_training_runs_benchmark_evals(setup, tmp_path):
     config.train.update(num_steps=2, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1)
     config.evals.update(exact_match=False, every=1, tasks="llava_json", max_new_tokens=2, limit=4)
     config.init.checkpoint = setup["ckpt"]  # restoring is much faster than compiling an init
-    out = trainer.train(config, str(tmp_path))
+    from lavi_jax.train import train  # the layer above eval
+
+    _, out = train(config, str(tmp_path))
     assert out["llava_json/num_samples"] == 4 and 0.0 <= out["llava_json/exact_match"] <= 1.0
     for step in (1, 2):
         with open(tmp_path / "results" / f"step_{step}" / "llava_json.json") as f:
@@ -245,3 +253,36 @@ def test_training_runs_benchmark_evals(setup, tmp_path):
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows if "llava_json/exact_match" in r] == [1, 2]
+
+
+def test_task_errors_name_the_task_and_flag(setup):
+    config = setup["config"].copy_and_resolve_references()
+    config.evals.tasks = "pope"
+    with pytest.raises(ValueError, match=r"'pope': no questions file; set --config.evals.pope.questions="):
+        lavi_eval.tasks_from_config(config)
+    config.evals.tasks = "pope_small"
+    with pytest.raises(ValueError, match=r"'pope_small': no settings block config.evals.pope_small"):
+        lavi_eval.tasks_from_config(config)
+    config.evals.pope_small = lavi_jax.configs.eval_task(name="pope", questions="q.jsonl", options={"metric": "none"})
+    (t,) = lavi_eval.tasks_from_config(config)
+    assert (t.name, t.label, t.options) == ("pope", "pope_small", {"metric": None})
+    config.evals.pope_small.prompt_suffix = "x"
+    with pytest.raises(ValueError, match=r"scorer options go in --config.evals.pope_small.options"):
+        lavi_eval.tasks_from_config(config)
+
+
+def test_checkpoint_config_missing_falls_back_unreadable_raises(setup, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from lavi_jax.eval import from_checkpoint
+
+    params = random_params(setup["config"])
+    with checkpoint.manager(str(tmp_path / "bare"), async_save=False) as m:
+        m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        m.wait_until_finished()
+    assert from_checkpoint.saved_config(str(tmp_path / "bare"), 0) is None
+    broken = checkpoint.save_params(str(tmp_path / "broken"), setup["config"], params)
+    with open(os.path.join(broken, "0", "config", "metadata"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(lavi_eval.CheckpointConfigError, match=r"broken/0/config/metadata"):
+        lavi_eval.evaluate_checkpoint(setup["config"], broken, None)

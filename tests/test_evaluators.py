@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from lavi_jax import evaluators
-from lavi_jax.evaluators import (extract_choice, extract_yes_no, normalize_answer,
-                                 vqa_soft_accuracy)
-from lavi_jax.evaluators.multiple_choice import options_from_text
+from lavi_jax.eval import scorers
+from lavi_jax.eval.scorers import extract_choice, extract_yes_no, normalize_answer, vqa_soft_accuracy
+from lavi_jax.eval.scorers.multiple_choice import options_from_text
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
@@ -110,7 +109,7 @@ def _vqav2_files(tmp_path):
 
 def test_vqav2_load_and_score(tmp_path):
     questions, annotations = _vqav2_files(tmp_path)
-    ev = evaluators.get("vqav2")
+    ev = scorers.get("vqav2")
     samples = ev.load(questions, annotations, image_root="/coco/val2014")
     assert [s["id"] for s in samples] == ["1", "2", "3"]
     s = samples[0]
@@ -138,11 +137,11 @@ def test_vqav2_official_question_file(tmp_path):
         {"question_id": 42001, "image_id": 42, "question": "What color is the bus?"}]})
     annotations = write_json(tmp_path / "a.json", {"annotations": [
         {"question_id": 42001, "answers": [{"answer": "red"}] * 3 + [{"answer": "blue"}] * 7}]})
-    (s,) = evaluators.get("vqav2").load(questions, annotations)
+    (s,) = scorers.get("vqav2").load(questions, annotations)
     assert s["image"] == "COCO_val2014_000000000042.jpg"
     assert s["prompt"] == f"What color is the bus?\n{SHORT}"
     # "red" by 3 of 10 -> 0.9
-    assert evaluators.get("vqav2").score([s], {"42001": "Red"})["metrics"]["accuracy"] == \
+    assert scorers.get("vqav2").score([s], {"42001": "Red"})["metrics"]["accuracy"] == \
         pytest.approx(0.9)
 
 
@@ -166,14 +165,14 @@ def _textvqa_files(tmp_path):
 def test_textvqa_soft_and_exact(tmp_path):
     questions, annotations = _textvqa_files(tmp_path)
     preds = {"34602": "Nike", "34603": "23"}
-    soft = evaluators.get("textvqa")
+    soft = scorers.get("textvqa")
     samples = soft.load(questions, annotations)
     assert samples[0]["answers"] == ["nike"] * 4 + ["nike shoes"] * 6
     assert samples[0]["prompt"].count(SHORT) == 1
     # q1: "nike" by 4 of 10 -> 1.0; q2: "23" by 1 of 10 -> 0.3. mean = 1.3 / 2 = 0.65
     assert soft.score(samples, preds)["metrics"]["accuracy"] == pytest.approx(0.65)
     # Exact: "Nike" -> "nike" is one of the answers (1), "23" is one too (1) -> 1.0
-    exact = evaluators.get("textvqa", metric="exact")
+    exact = scorers.get("textvqa", metric="exact")
     result = exact.score(exact.load(questions, annotations), preds)
     assert result["metrics"]["accuracy"] == 1.0
     assert all(r["correct"] for r in result["per_sample"])
@@ -185,7 +184,7 @@ def test_textvqa_matches_by_image_and_question_when_ids_differ(tmp_path):
     for i, r in enumerate(records):
         r["question_id"] = i  # LLaVA-style renumbered ids
     write_jsonl(questions, records)
-    samples = evaluators.get("textvqa").load(questions, annotations)
+    samples = scorers.get("textvqa").load(questions, annotations)
     assert samples[1]["answers"] == ["23"] + ["28"] * 9
 
 
@@ -202,14 +201,14 @@ def test_gqa_exact_and_normalized(tmp_path):
                      "answer": "white"},
     })
     preds = {"201307251": "Yes.", "201640614": "The cat", "20968379": "black"}
-    gqa = evaluators.get("gqa")
+    gqa = scorers.get("gqa")
     samples = gqa.load(questions, annotations)
     assert samples[0]["answers"] == ["yes"]
     # exact (strip, drop trailing ".", lower): "yes" == "yes" (1); "the cat" != "cat" (0);
     # "black" != "white" (0) -> 1/3
     assert gqa.score(samples, preds)["metrics"]["accuracy"] == pytest.approx(1 / 3)
     # normalized: the article goes too, so "cat" matches (1) -> 2/3
-    norm = evaluators.get("gqa", metric="normalized")
+    norm = scorers.get("gqa", metric="normalized")
     assert norm.score(samples, preds)["metrics"]["accuracy"] == pytest.approx(2 / 3)
     # The GQA questions file alone also loads (answers inside).
     alone = gqa.load(annotations)
@@ -219,7 +218,7 @@ def test_gqa_exact_and_normalized(tmp_path):
 def test_vqa_requires_ground_truth(tmp_path):
     questions = write_jsonl(tmp_path / "test.jsonl", [{"question_id": 1, "image": "a.jpg",
                                                        "text": "What?"}])
-    ev = evaluators.get("vqav2")
+    ev = scorers.get("vqav2")
     samples = ev.load(questions)
     assert samples[0]["answers"] is None
     with pytest.raises(ValueError, match="no ground-truth"):
@@ -279,7 +278,7 @@ def test_mmbench_tsv_circular(tmp_path):
     ]
     tsv = tmp_path / "mmbench_dev_20230712.tsv"
     tsv.write_text("\n".join([header] + rows) + "\n")
-    ev = evaluators.get("mmbench", image_cache_dir=str(tmp_path / "imgs"))
+    ev = scorers.get("mmbench", image_cache_dir=str(tmp_path / "imgs"))
     samples = ev.load(tsv)
     assert [s["id"] for s in samples] == ["0", "1000000", "1", "1000001"]
     assert samples[0]["prompt"] == ("A photo.\nWhat color is the sky?\nA. blue\nB. red\n"
@@ -299,7 +298,7 @@ def test_mmbench_tsv_circular(tmp_path):
     assert m["by_category"] == pytest.approx({"attr": 1.0, "obj": 0.5})
 
     # Without a cache folder the encoded image stays in the metadata.
-    plain = evaluators.get("mmbench").load(tsv)
+    plain = scorers.get("mmbench").load(tsv)
     assert plain[0]["image"] is None and plain[0]["metadata"]["image_base64"] == png
 
 
@@ -307,7 +306,7 @@ def test_mmbench_rotate_all_rounds(tmp_path):
     path = write_jsonl(tmp_path / "mmbench.jsonl", [
         {"index": 5, "question": "Which fruit is yellow?", "A": "apple", "B": "banana",
          "C": "cherry", "answer": "B", "category": "attr", "image": "5.jpg"}])
-    ev = evaluators.get("mmbench", rotate=True)
+    ev = scorers.get("mmbench", rotate=True)
     samples = ev.load(path, image_root="/mmb")
     # Round r shows options[r:] + options[:r]; banana (index 1) is at (1 - r) mod 3.
     assert [s["id"] for s in samples] == ["5", "5@1", "5@2"]
@@ -349,7 +348,7 @@ def test_seed_bench(tmp_path):
              "choice_c": "z", "choice_d": "w", "answer": "D", "question_type_id": 10,
              "data_type": "video", "data_id": "3.mp4"},
         ]})
-    ev = evaluators.get("seed_bench")
+    ev = scorers.get("seed_bench")
     samples = ev.load(questions, gt)
     assert samples[0]["prompt"] == q1  # the LLaVA prompt already lists the options
     assert samples[1]["prompt"].endswith(f"D. 4\n{LETTER}")
@@ -374,7 +373,7 @@ def test_scienceqa_img_problems(tmp_path):
               "image": "image.png", "split": "val", "subject": "social science"},
     })
     splits = write_json(tmp_path / "pid_splits.json", {"test": ["1", "2"], "val": ["3"]})
-    ev = evaluators.get("scienceqa_img")
+    ev = scorers.get("scienceqa_img")
     samples = ev.load(problems, splits, image_root="/sqa/images")
     # Only test problems with an image: problem 1.
     assert [s["id"] for s in samples] == ["1"]
@@ -395,7 +394,7 @@ def test_scienceqa_llava_conversation_file(tmp_path):
             {"from": "human", "value": "Question: q\nOptions: (A) x (B) y"},
             {"from": "gpt", "value": "The answer is A."}]},
     ])
-    samples = evaluators.get("scienceqa_img").load(path)
+    samples = scorers.get("scienceqa_img").load(path)
     assert len(samples) == 1
     assert samples[0]["options"] == ["Ohio", "Utah", "Iowa"] and samples[0]["answer"] == "C"
     assert samples[0]["prompt"].startswith("Context: A map.")
@@ -410,14 +409,14 @@ def test_mvbench_and_videomme(tmp_path):
          "candidates": ["walk", "run", "sit"], "answer": "run"},
         {"video": "v2.mp4", "question": "Then?", "candidates": ["open", "close"],
          "answer": "open"}])
-    mv = evaluators.get("mvbench")
+    mv = scorers.get("mvbench")
     samples = mv.load(str(folder), image_root="/videos")
     assert [s["id"] for s in samples] == ["action_sequence/0", "action_sequence/1"]
     assert samples[0]["video"] == "/videos/v1.mp4" and samples[0]["answer"] == "B"
     m = mv.score(samples, {"action_sequence/0": "(B) run", "action_sequence/1": "B"})["metrics"]
     assert m["accuracy"] == 0.5 and m["by_category"] == {"action_sequence": 0.5}
 
-    vm = evaluators.get("videomme")
+    vm = scorers.get("videomme")
     path = write_json(tmp_path / "videomme.json", [
         {"video_id": "001", "videoID": "fFjv93ACGo8", "question_id": "001-1", "duration": "short",
          "domain": "Knowledge", "task_type": "Counting Problem", "question": "How many?",
@@ -433,7 +432,7 @@ def test_multiple_choice_failures_are_wrong(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", [
         {"question_id": i, "question": "Q?", "options": ["x", "y"], "answer": "A"}
         for i in range(5)])
-    ev = evaluators.get("multiple_choice")
+    ev = scorers.get("multiple_choice")
     samples = ev.load(path)
     result = ev.score(samples, {"0": "A", "1": None, "2": RuntimeError("OOM"), "3": "A",
                                 "4": "no idea"}, failures={3: "timeout"})
@@ -488,7 +487,7 @@ def _pope_files(tmp_path):
 
 def test_pope_metrics(tmp_path):
     questions, folder = _pope_files(tmp_path)
-    ev = evaluators.get("pope")
+    ev = scorers.get("pope")
     samples = ev.load(questions, folder)
     assert [s["answer"] for s in samples] == ["yes", "yes", "no", "no", "no"] * 2
     assert samples[0]["prompt"] == f"Is there a dog in the image?\n{SHORT}"
@@ -521,7 +520,7 @@ def test_pope_metrics(tmp_path):
 
 def test_pope_label_files_alone(tmp_path):
     _, folder = _pope_files(tmp_path)
-    samples = evaluators.get("pope").load(folder)
+    samples = scorers.get("pope").load(folder)
     # Question ids restart per label file, so they are prefixed with the category.
     assert samples[0]["id"] == "adversarial/1" and samples[5]["id"] == "random/1"
     assert samples[0]["metadata"]["category"] == "adversarial"
@@ -576,7 +575,7 @@ def _check_mme(m):
 
 def test_mme_from_release_folder(tmp_path):
     root = _mme_folder(tmp_path)
-    ev = evaluators.get("mme")
+    ev = scorers.get("mme")
     samples = ev.load(annotations=root)
     assert [s["metadata"]["category"] for s in samples] == \
         ["artwork"] * 4 + ["code_reasoning"] * 2 + ["existence"] * 4
@@ -601,7 +600,7 @@ def test_mme_llava_jsonl(tmp_path):
             records.append({"question_id": image, "image": image, "category": task,
                             "text": line.split("\t")[0] + f"\n{SHORT}"})
     questions = write_jsonl(tmp_path / "llava_mme.jsonl", records)
-    ev = evaluators.get("mme")
+    ev = scorers.get("mme")
     samples = ev.load(questions, root, image_root=str(root))
     # The two questions of an image share LLaVA's question_id; ids get #0 / #1.
     assert [s["id"] for s in samples[:2]] == ["existence/1.jpg#0", "existence/1.jpg#1"]
@@ -622,10 +621,10 @@ def test_mme_llava_jsonl(tmp_path):
 
 def test_registry():
     assert {"vqav2", "textvqa", "gqa", "mmbench", "seed_bench", "scienceqa_img", "mvbench",
-            "videomme", "pope", "mme"} <= set(evaluators.names())
-    assert evaluators.get("GQA").metric == "exact"
-    assert evaluators.get("textvqa", metric="normalized").metric == "normalized"
+            "videomme", "pope", "mme"} <= set(scorers.names())
+    assert scorers.get("GQA").metric == "exact"
+    assert scorers.get("textvqa", metric="normalized").metric == "normalized"
     with pytest.raises(KeyError, match="unknown evaluator"):
-        evaluators.get("nope")
+        scorers.get("nope")
     with pytest.raises(ValueError):
-        evaluators.get("vqa", metric="bleu")
+        scorers.get("vqa", metric="bleu")

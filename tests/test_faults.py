@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 import lavi_jax
-from lavi_jax import checkpoint, sharding, trainer
-from lavi_jax.data import ExampleBuilder, make_image_processor, make_tokenizer, write_synthetic_vqa
+from lavi_jax import checkpoint, sharding, train as training
+from lavi_jax.data import ExampleBuilder, make_image_processor, make_tokenizer
+from lavi_jax.demo.synthetic import write_synthetic_vqa
 from lavi_jax.data.bad_records import BadRecord
 from tests.small import small_config
 
@@ -135,7 +136,7 @@ def test_training_and_eval_survive_the_corpus(tmp_path, capsys):
     config = small_config(vqa, num_steps=4, checkpoint_every=4, batch_size=8)
     config.data.update(num_frames=2, seq_buckets=(64,), max_bad_records=len(bad_ids))
     config.model.projector.max_frames = 2
-    out = trainer.train(config, str(tmp_path / "run"))
+    _, out = training.train(config, str(tmp_path / "run"))
     assert out["eval_bad_records"] == len(bad_ids)
     assert out["eval_examples"] == len(legit_ids)  # every legit record scored, no more, no less
     printed = capsys.readouterr().out
@@ -178,11 +179,11 @@ def test_sigkill_at_random_points_resumes_to_identical_params(vqa, tmp_path):
 
     from tests.train_worker import config_for
 
-    reference = trainer.train(config_for(data_dir, steps), str(tmp_path / "straight"))
+    reference, _ = training.train(config_for(data_dir, steps), str(tmp_path / "straight"))
     config = config_for(data_dir, steps)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     resumed = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), config.model, mesh)
-    for a, b in zip(jax.tree.leaves(jax.device_get(reference["state"].params)), jax.tree.leaves(jax.device_get(resumed))):
+    for a, b in zip(jax.tree.leaves(jax.device_get(reference.params)), jax.tree.leaves(jax.device_get(resumed))):
         np.testing.assert_array_equal(a, b)
     # Every step logged more than once (redone after a kill) has the same loss each time.
     seen = {}
@@ -198,30 +199,28 @@ def test_sigkill_at_random_points_resumes_to_identical_params(vqa, tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop_the_run(vqa, tmp_path):
     config = small_config(vqa, num_steps=8, learning_rate=1e30, warmup_steps=1, max_nonfinite=3, clip_grad_norm=0.0)
     config.evals.exact_match = False
-    with pytest.raises(trainer.NonFiniteError, match=r"step \d+: 3 consecutive non-finite"):
-        trainer.train(config, str(tmp_path))
+    with pytest.raises(training.NonFiniteError, match=r"step \d+: 3 consecutive non-finite"):
+        training.train(config, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert any(r.get("nonfinite_step") for r in rows)
 
 
 def test_nonfinite_update_leaves_state_untouched():
-    from lavi_jax import train_lib
-
     cfg = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
     cfg.train.update(trainable="all")
     model = lavi_jax.LaVi(cfg.model)
-    tx = train_lib.make_optimizer(cfg.train)
+    tx = training.make_optimizer(cfg.train)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    patterns = train_lib.trainable_patterns("all")
-    _, shardings = train_lib.state_shardings(model, tx, patterns, mesh, jnp.zeros((1, 8), jnp.int32))
+    patterns = training.trainable_patterns("all")
+    _, shardings = training.state_shardings(model, tx, patterns, mesh, jnp.zeros((1, 8), jnp.int32))
     params = sharding.init_params(model, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), mesh=mesh)
-    state = train_lib.create_state(params, tx, patterns, shardings)
+    state = training.create_state(params, tx, patterns, shardings)
     s = cfg.model.vision.image_size
     ids = np.full((2, 8), 5, np.int32)
     ids[:, 1] = cfg.model.image_token_id
     batch = {"input_ids": ids, "attention_mask": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32),
              "pixel_values": np.full((2, 1, 1, s, s, 3), np.nan, np.float32), "item_mask": np.ones((2, 1, 1), bool)}
-    step = jax.jit(train_lib.make_train_step(model, tx, cfg.train))
+    step = jax.jit(training.make_train_step(model, tx, cfg.train))
     before = jax.device_get((state.params, state.opt_state))
     new, m = step(state, batch)
     assert not bool(m["finite"]) and int(new.nonfinite) == 1 and int(new.step) == 1

@@ -9,6 +9,9 @@ from flax import traverse_util
 
 import lavi_jax
 from lavi_jax import sharding
+from lavi_jax.models.projector import tokens_per_frame
+from lavi_jax.models.splice import splice_layout
+from lavi_jax.models.vit import VisionTower, sincos2d
 
 CFG = "configs/lavi_qwen2_7b_siglip.py:tiny"
 
@@ -171,14 +174,43 @@ def test_concat_splices_visual_tokens_in_place_of_placeholders():
         rows.append(np.stack(seq)); text_pos.append(where)
     llm = lavi_jax.LaVi(tiny(fusion="none"))
     ref = llm.apply({"params": {"llm": params["llm"]}}, jnp.zeros((2, rows[0].shape[0]), jnp.int32),
-                    method=lambda m, x, e: m.llm(inputs_embeds=e), e=jnp.asarray(np.stack(rows)))
+                    method=lambda m, x, e: m.llm(inputs_embeds=e).logits, e=jnp.asarray(np.stack(rows)))
     ref = np.take_along_axis(np.asarray(ref), np.asarray(text_pos)[:, :, None], axis=1)
     np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-5)
 
 
+def test_splice_layout_by_hand_and_tokens_per_frame_match_the_projector():
+    ids = jnp.asarray([[5, 9, 6, 9, 7], [5, 9, 6, 7, 8]], jnp.int32)  # 9: the placeholder; row 1 has one item
+    item_mask = jnp.asarray([[[True], [False]], [[True], [True]]])  # [B, N=2, F=1]
+    lay = splice_layout(ids, jnp.ones((2, 5), jnp.int32), item_mask, 9, tokens_per_frame=2)
+    assert lay.length == 5 + 2 * (2 - 1)
+    np.testing.assert_array_equal(lay.text_slot, [[0, 1, 3, 4, 6], [0, 1, 3, 4, 5]])
+    np.testing.assert_array_equal(lay.text_last, [[0, 2, 3, 5, 6], [0, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(lay.visual_slot, [[[1, 2], [4, 5]], [[1, 2], [7, 7]]])  # 7: dropped
+    np.testing.assert_array_equal(lay.mask, [[1, 1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1, 0]])
+
+    cfg = tiny(fusion="concat", **{"projector.pool": 2})
+    model = lavi_jax.LaVi(cfg)
+    ids, pix, mask = batch(cfg)
+    shapes, _ = sharding.abstract_params(model, ids)
+    tokens, _ = jax.eval_shape(lambda p: model.apply({"params": p}, pix, method=lavi_jax.LaVi.encode), shapes)
+    assert tokens.shape[3] == tokens_per_frame(cfg) == (cfg.vision.image_size // cfg.vision.patch_size // 2) ** 2
+
+
+def test_model_holds_a_frozen_copy_of_its_config():
+    cfg = tiny()
+    model = lavi_jax.LaVi(cfg)
+    cfg.fusion = "none"
+    cfg.llm.num_layers = 1
+    assert model.config.fusion == "modulation" and model.config.llm.num_layers == tiny().llm.num_layers
+    with pytest.raises(AttributeError):
+        model.config.fusion = "concat"
+    assert model.config.get("missing", 3) == 3 and isinstance(model.config.conditioner.params, tuple)
+
+
 def test_scanned_layout_equals_unrolled():
-    from conversions import mapping
-    from conversions.weights import export_tensors, load_params
+    from lavi_jax.hf import mapping
+    from lavi_jax.hf.placement import export_tensors, load_params
 
     cfg = tiny(**{"conditioner.every": 2, "fusion": "none"})
     ids, _, _ = batch(cfg)
@@ -224,8 +256,6 @@ def test_sharded_init_places_params_in_shards():
 
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 def test_sincos2d_position_embedding_init(kind):
-    from lavi_jax.models.vit import VisionTower, sincos2d
-
     cfg = tiny(**{"vision.type": kind, "vision.posemb_init": "sincos2d"}).vision
     pix = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     pos = np.asarray(nn.unbox(VisionTower(cfg).init(jax.random.key(0), pix)["params"])["position_embedding"])

@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conversions import mapping
-from conversions.import_hf import import_hf
-from conversions.weights import SafetensorsReader, load_params
 from lavi_jax import config as C
+from lavi_jax.hf import SafetensorsReader, import_hf, load_params, mapping
 from lavi_jax.models.vit import VisionTower
 from tests import hf_models
 
@@ -57,7 +55,7 @@ def test_llm_logits_match_hf(tmp_path, name, scan):
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 def test_vision_hidden_states_match_hf(tmp_path, kind):
     path, hf = getattr(hf_models, kind)(tmp_path)
-    from conversions import hf_config
+    from lavi_jax.hf import config as hf_config
 
     vcfg = hf_config.vision_from_hf(hf_config.read_config(path))
     m = C.model(vision=vcfg)

@@ -13,8 +13,8 @@ import pytest
 from flax import traverse_util
 
 import lavi_jax
-from lavi_jax import sharding, train_lib, trainer
-from lavi_jax.data import write_synthetic_vqa
+from lavi_jax import config as C, sharding, train as training
+from lavi_jax.demo.synthetic import write_synthetic_vqa
 from tests.small import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,18 +34,17 @@ def run_steps(mesh_shape, n=3, **train):
     cfg.train.update(trainable="all", learning_rate=1e-3, eps=1e-6, warmup_steps=1, num_steps=n, **train)
     mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(list(mesh_shape.values())))])
     model = lavi_jax.LaVi(cfg.model)
-    tx = train_lib.make_optimizer(cfg.train)
-    patterns = train_lib.trainable_patterns(cfg.train.trainable)
+    tx = training.make_optimizer(cfg.train)
+    patterns = training.trainable_patterns(cfg.train.trainable)
     ids0 = jnp.zeros((1, 8), jnp.int32)
-    _, shardings = train_lib.state_shardings(model, tx, patterns, mesh, ids0)
-    state = train_lib.create_state(sharding.init_params(model, jax.random.key(0), ids0, mesh=mesh), tx, patterns, shardings)
-    keys = trainer.batch_keys(cfg.model)
-    step = jax.jit(train_lib.make_train_step(model, tx, cfg.train), out_shardings=(shardings, sharding.replicated(mesh)),
+    _, shardings = training.state_shardings(model, tx, patterns, mesh, ids0)
+    state = training.create_state(sharding.init_params(model, jax.random.key(0), ids0, mesh=mesh), tx, patterns, shardings)
+    step = jax.jit(training.make_train_step(model, tx, cfg.train), out_shardings=(shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
     losses = []
     with sharding.use_mesh(mesh):
         for _ in range(n):
-            state, m = step(state, trainer.to_global(tiny_batch(cfg, seed=0), mesh, keys))
+            state, m = step(state, sharding.to_global(tiny_batch(cfg, seed=0), mesh))
             losses.append(float(m["loss"]))
     return losses, jax.device_get(state.params)
 
@@ -104,12 +103,12 @@ def metrics(workdir):
 
 
 def test_resume_reproduces_uninterrupted_run(vqa, tmp_path):
-    straight = trainer.train(small_config(vqa), str(tmp_path / "a"))
-    trainer.train(small_config(vqa), str(tmp_path / "b"), stop_at=3)
+    straight_state, straight = training.train(small_config(vqa), str(tmp_path / "a"))
+    training.train(small_config(vqa), str(tmp_path / "b"), stop_at=3)
     assert sorted(metrics(tmp_path / "b")) == [1, 2, 3]
-    resumed = trainer.train(small_config(vqa), str(tmp_path / "b"))
+    resumed_state, _ = training.train(small_config(vqa), str(tmp_path / "b"))
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
-    for a, b in zip(jax.tree.leaves(jax.device_get(straight["state"].params)), jax.tree.leaves(jax.device_get(resumed["state"].params))):
+    for a, b in zip(jax.tree.leaves(jax.device_get(straight_state.params)), jax.tree.leaves(jax.device_get(resumed_state.params))):
         np.testing.assert_array_equal(a, b)
     m = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
     assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(m)
@@ -120,20 +119,20 @@ def test_resume_reproduces_uninterrupted_run(vqa, tmp_path):
 def test_frozen_params_stay_bit_identical(vqa, tmp_path):
     config = small_config(vqa, trainable="projector+conditioners", num_steps=2, checkpoint_every=2)
     model = lavi_jax.LaVi(config.model)
-    out = trainer.train(config, str(tmp_path))
+    state, _ = training.train(config, str(tmp_path))
     start = sharding.init_params(model, jax.random.key(config.train.seed), jnp.zeros((1, 8), jnp.int32),
                                  mesh=sharding.make_mesh(config.mesh.to_dict()))
     before = traverse_util.flatten_dict(jax.device_get(start))
-    after = traverse_util.flatten_dict(jax.device_get(out["state"].params))
-    patterns = train_lib.trainable_patterns(config.train.trainable)
-    frozen = [k for k in before if not train_lib.is_trainable(k, patterns)]
-    trained = [k for k in before if train_lib.is_trainable(k, patterns)]
+    after = traverse_util.flatten_dict(jax.device_get(state.params))
+    patterns = training.trainable_patterns(config.train.trainable)
+    frozen = [k for k in before if not training.is_trainable(k, patterns)]
+    trained = [k for k in before if training.is_trainable(k, patterns)]
     assert any(k[0] == "vision" for k in frozen) and any(k[0] == "llm" for k in frozen) and trained
     for k in frozen:
         np.testing.assert_array_equal(after[k], before[k], err_msg="/".join(k))
     assert any(not np.array_equal(after[k], before[k]) for k in trained)
     # Optimizer state exists for the trainable params only (AdamW mu and nu).
-    opt_leaves = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out["state"].opt_state) if x.ndim > 0)
+    opt_leaves = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     assert opt_leaves == 2 * sum(int(np.prod(before[k].shape)) for k in trained)
 
 
@@ -147,13 +146,13 @@ def test_bad_records_are_skipped_and_reported_then_budget_stops_the_run(vqa, tmp
     config = small_config(vqa, num_steps=6, checkpoint_every=6)
     config.data.update(train_json=str(bad_json), max_bad_records=5)
     config.evals.exact_match = False
-    trainer.train(config, str(tmp_path / "ok"))
+    training.train(config, str(tmp_path / "ok"))
     out = capsys.readouterr().out
     for rid in (records[1]["id"], records[5]["id"], records[7]["id"]):
         assert rid in out
     config.data.max_bad_records = 1
     with pytest.raises(Exception, match="bad record"):
-        trainer.train(config, str(tmp_path / "over"))
+        training.train(config, str(tmp_path / "over"))
 
 
 def test_dry_run_reports_memory_and_flops_without_training(tmp_path):
@@ -162,13 +161,13 @@ def test_dry_run_reports_memory_and_flops_without_training(tmp_path):
     config.mesh.update(data=2, fsdp=2, tensor=2)
     config.train.update(batch_size=8)
     config.data.seq_buckets = (32,)
-    report = trainer.train(config, str(tmp_path))
+    report = training.dry_run(config)
     assert report["devices"] == 8 and report["flops_per_step"] > 0
     assert 0 < report["params_bytes_per_device"] < sharding.count_params(
         sharding.abstract_params(lavi_jax.LaVi(config.model), jnp.zeros((1, 8), jnp.int32))[0]) * 4
     assert not os.path.exists(tmp_path / "checkpoints")
     config.train.grad_accum = 2  # the step's FLOPs do not depend on how the batch is split
-    accumulated = trainer.train(config, str(tmp_path))
+    accumulated = training.dry_run(config)
     assert accumulated["flops_per_step"] == pytest.approx(report["flops_per_step"], rel=0.1)  # not 1/2
 
 
@@ -176,7 +175,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
     """The README's main-job command on the quick variant: data written, both fusions trained and scored."""
     env = dict(os.environ, LAVI_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/demo.py:quick"),
+    cmd = [sys.executable, os.path.join(ROOT, "demo.py"), "--config", os.path.join(ROOT, "configs/demo.py:quick"),
            "--workdir", str(tmp_path)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -195,7 +194,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
 
 
 def test_demo_majority_rate_groups_by_question_type_and_shape_named():
-    from lavi_jax.demo import majority_rate
+    from lavi_jax.demo.run import majority_rate
 
     def record(kind, question, answer):
         return {"question_type": kind, "answer": answer,
@@ -209,13 +208,13 @@ def test_demo_majority_rate_groups_by_question_type_and_shape_named():
 
 
 def test_lr_mults_scale_the_updates_of_matching_params():
-    c = train_lib.train_config(learning_rate=1e-2, warmup_steps=1, num_steps=10, clip_grad_norm=0.0, weight_decay=0.1)
+    c = C.train(learning_rate=1e-2, warmup_steps=1, num_steps=10, clip_grad_norm=0.0, weight_decay=0.1)
     params = {"vision": {"w": jnp.ones((3, 2))}, "projector": {"b": jnp.ones((2,))}, "llm": {"w": jnp.full((2, 2), 2.0)}}
     grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
 
     def updates(mults):
         c.lr_mults = mults
-        tx = train_lib.make_optimizer(c)
+        tx = training.make_optimizer(c)
         state = tx.init(params)
         for _ in range(2):
             u, state = tx.update(grads, state, params)

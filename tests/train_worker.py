@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavi_jax import trainer  # noqa: E402
+from lavi_jax.train import train  # noqa: E402
 from tests.small import small_config  # noqa: E402
 
 
@@ -25,4 +25,4 @@ def config_for(data_dir: str, num_steps: int):
 if __name__ == "__main__":
     os.environ.setdefault("LAVI_NO_PROGRESS", "1")
     data_dir, workdir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    trainer.train(config_for(data_dir, steps), workdir)
+    train(config_for(data_dir, steps), workdir)

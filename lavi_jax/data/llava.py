@@ -15,21 +15,10 @@ from typing import Any
 import numpy as np
 
 from lavi_jax.data.bad_records import BadRecord
-from lavi_jax.data.image_processor import ImageProcessor, load_image
-from lavi_jax.data.records import parse_record, resolve_path
+from lavi_jax.data.image_processor import ImageProcessor
+from lavi_jax.data.media import MediaLoader, media_items
+from lavi_jax.data.records import parse_record
 from lavi_jax.data.tokenizer import IMAGE_TOKEN, Tokenizer
-from lavi_jax.data.video import load_video
-
-
-def _paths(record: dict[str, Any], key: str) -> list[Any]:
-    value = record.get(key)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value:
-        return value
-    raise ValueError(f'"{key}" must be a path or a non-empty list of paths, got {value!r}')
 
 
 def prepare_conversation(conversation: Any, num_items: int) -> list[dict[str, str]]:
@@ -76,8 +65,7 @@ class ExampleBuilder:
     max_image_pixels: int | None = None
 
     def __post_init__(self):
-        if self.image_processor.output_size is None:
-            raise ValueError("the image processor must produce a fixed output size")
+        self.media = MediaLoader(self.image_processor, self.num_frames, self.image_root, self.max_image_pixels)
 
     def __call__(self, index: int, record: Any) -> dict[str, Any] | BadRecord:
         record_id = f"#{index}"
@@ -93,26 +81,16 @@ class ExampleBuilder:
 
     def build(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
         """Like ``__call__`` but raises on bad data."""
-        images = [resolve_path(self.image_root, p) for p in _paths(record, "image")]
-        videos = [resolve_path(self.image_root, p) for p in _paths(record, "video")]
-        num_items = len(images) + len(videos)
-        if num_items > self.max_images:
-            raise ValueError(f"{num_items} images/videos, more than max_images={self.max_images}")
-        turns = prepare_conversation(record.get("conversations"), num_items)
+        items = self.media.resolve(media_items(record))
+        if len(items) > self.max_images:
+            raise ValueError(f"{len(items)} images/videos, more than max_images={self.max_images}")
+        turns = prepare_conversation(record.get("conversations"), len(items))
         input_ids, loss_mask = self.tokenizer.encode_conversation(turns)
         if len(input_ids) > self.max_length:
             raise ValueError(f"{len(input_ids)} tokens, longer than the largest bucket ({self.max_length})")
         if not loss_mask.any():
             raise ValueError("no assistant tokens after tokenisation")
-        height, width = self.image_processor.output_size
-        pixel_values = np.zeros((num_items, self.num_frames, height, width, 3), np.float32)
-        item_mask = np.zeros((num_items, self.num_frames), bool)
-        items = [[load_image(path, self.max_image_pixels)] for path in images]  # each item: its frames
-        items += [load_video(path, self.num_frames, self.max_image_pixels) for path in videos]
-        for i, frames in enumerate(items):
-            for f, frame in enumerate(frames[: self.num_frames]):
-                pixel_values[i, f] = self.image_processor(frame)
-                item_mask[i, f] = True
+        pixel_values, item_mask = self.media.load(items)
         return {
             "input_ids": input_ids.astype(np.int32),
             "loss_mask": loss_mask.astype(np.int32),

@@ -6,7 +6,7 @@ Training::
             -> seeded shuffle, reshuffled each epoch, repeated forever
             -> decode + tokenise in a thread pool (bad records become markers)
             -> skip and report bad records (budget: max_bad_records per process)
-            -> batch, padded to a sequence bucket (see ``batching``)
+            -> batch, padded to a sequence bucket (see ``collate``)
 
 Evaluation visits each record once in file order, turns bad records into
 padding examples (``valid`` False) and pads the last batch, so every process
@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from lavi_jax.data.bad_records import BadRecord, BadRecordTracker
-from lavi_jax.data.batching import Collator
+from lavi_jax.data.collate import Collator
 from lavi_jax.data.image_processor import ImageProcessor, make_image_processor
 from lavi_jax.data.llava import ExampleBuilder
 from lavi_jax.data.records import load_records
@@ -131,7 +131,7 @@ def make_train_iterator(
     """Endless, shuffled iterator of training batches for this process.
 
     Args:
-      config: the data config (``config.data``, see ``data_config``).
+      config: the data config (``config.data``, defaults in ``lavi_jax.config.data``).
       tokenizer, image_processor: built from ``config`` when None.
       batch_size: per-process batch size.
       seed: shuffle seed (the same on every process; shards differ).
@@ -140,7 +140,7 @@ def make_train_iterator(
         ``jax.process_count()``.
       pad_to_max_bucket: pad every batch to the largest bucket. Defaults to
         True with several processes, whose global batch needs one T; with
-        False, agree on T across processes and use ``batching.pad_batch``.
+        False, agree on T across processes and use ``collate.pad_batch``.
     """
     tokenizer, image_processor = _components(config, tokenizer, image_processor)
     process_index, process_count = _process(process_index, process_count)

@@ -1,1 +1,1 @@
-"""Flax (linen) modules: vision tower, projector, conditioners, decoder and the LaVi model."""
+"""Flax (linen) modules: vision tower, projector, conditioners, decoder and the LaVi model; the concat splice layout."""

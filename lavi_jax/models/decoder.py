@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from lavi_jax import sharding
 from lavi_jax.models.conditioner import Conditioner, VisualContext
@@ -35,6 +36,20 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+@struct.dataclass
+class DecoderOutput:
+    """What a decoder call returns.
+
+    logits: [B, T, vocab] float32 (T' positions with ``logits_at``).
+    hidden: [B, T, D] the final norm's output, the LM head's input (T' positions with ``logits_at``).
+    cache: the updated KV cache ``{"k", "v"}`` [L, B, S, K, D] when one was given, else None.
+    """
+
+    logits: jax.Array
+    hidden: jax.Array
+    cache: Optional[dict] = None
 
 
 # ----------------------------------------------------------------------------- layer pattern
@@ -230,14 +245,14 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token embeddings -> decoder layers -> final norm -> logits (float32).
+    """Token embeddings -> decoder layers -> final norm -> logits (float32); returns a :class:`DecoderOutput`.
 
     ``cond`` is the conditioner config (None: a plain LLM). Call with either
     ``input_ids`` or ``inputs_embeds``. ``attention_mask`` [B, S] marks valid keys
     (S = T, or the cache length when decoding); ``query_index`` [B, T] is each
     query's index in that key sequence (default ``arange(T)``). ``cache`` is
-    ``{"k", "v"}`` with a leading layer axis [L, B, S, K, D]; the updated cache is
-    returned when given. ``logits_at`` [B, T'] (indices into the T queries)
+    ``{"k", "v"}`` with a leading layer axis [L, B, S, K, D]; the output carries
+    the updated one. ``logits_at`` [B, T'] (indices into the T queries)
     computes the final norm and the head only at those positions.
     """
 
@@ -288,7 +303,7 @@ class Decoder(nn.Module):
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                  query_index=None, visual: VisualContext | None = None, cache=None, cache_index=None,
-                 logits_at=None, return_hidden: bool = False):
+                 logits_at=None) -> DecoderOutput:
         c = self.cfg
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         h = sharding.constrain(h, ("batch", "length", "embed"))
@@ -330,8 +345,7 @@ class Decoder(nn.Module):
         else:
             logits = self.lm_head(h)
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        out = (logits, new_cache) if cache is not None else logits
-        return (out, h) if return_hidden else out
+        return DecoderOutput(logits=logits, hidden=h, cache=new_cache)
 
 
 def init_cache(cfg: Any, batch: int, length: int, dtype=jnp.float32) -> dict:

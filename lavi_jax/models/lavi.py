@@ -10,19 +10,22 @@ k-th placeholder of a row is item k). ``pixel_values`` float [B, N, F, H, W, 3]
 (channels last, processor-normalised), ``item_mask`` bool [B, N, F] (an image
 is an item with one valid frame). Items without a placeholder in their row are
 ignored. ``attention_mask`` [B, T] marks real tokens; ``position_ids`` default
-to ``cumsum(attention_mask) - 1``.
+to ``cumsum(attention_mask) - 1``. ``logits_at`` [B, T'] returns logits only at
+those text positions (the final norm and LM head run on T' tokens), e.g. the
+last prompt token when prefilling.
 
-Cached decoding (see :mod:`lavi_jax.generate`): ``cache`` / ``cache_index`` write
-this chunk's keys and values into a KV cache (``attention_mask`` then covers the
-cache's S keys; for a concat call with ``pixel_values`` it covers the T text
-tokens and the expanded prefix is written at index 0). With the ``visual_cache``
-collection mutable, each conditioner stores its visual keys/values and a concat
-call stores its expanded mask as ``concat_mask`` [B, T_out]; with
-``use_visual_cache=True`` they are read back instead of running the vision tower.
-``item_index`` [B, N] gives the placeholders' cache indices when they are not in
-``input_ids`` (a decode step that recomputes the visual features).
-``logits_at`` [B, T'] returns logits only at those text positions (the final
-norm and LM head run on T' tokens), e.g. the last prompt token when prefilling.
+Cached decoding (see :mod:`lavi_jax.generate`) goes through one method,
+``model.apply(variables, input_ids, ..., method=LaVi.forward)``, which takes
+the same arguments plus ``cache`` / ``cache_index`` / ``use_visual_cache`` and
+always returns a :class:`~lavi_jax.models.decoder.DecoderOutput` (``logits``,
+``hidden``, and the updated ``cache`` when one is given); ``__call__`` is
+``forward(...).logits`` without a cache. With a cache, this chunk's keys and
+values are written at ``cache_index`` and ``attention_mask`` covers the cache's
+S keys; for a concat call with ``pixel_values`` it covers the T text tokens
+and the expanded prefix (:func:`lavi_jax.models.splice.splice_layout`) is
+written at index 0. With the ``visual_cache`` collection mutable, each
+conditioner stores its visual keys/values; with ``use_visual_cache=True`` they
+are read back instead of running the vision tower.
 
 * ``fusion="modulation"``: every modulated RMSNorm of the LLM receives deltas
   from its conditioner; text token t sees item k iff item k's placeholder sits
@@ -32,6 +35,9 @@ norm and LM head run on T' tokens), e.g. the last prompt token when prefilling.
   ([B, T, vocab]; a placeholder's logits are those of its item's last visual
   token), so the two fusions are interchangeable for losses and evaluation.
 * ``fusion="none"``: a text-only LLM (no vision parameters).
+
+The module holds ``config`` as an immutable ``FrozenConfigDict``: changing the
+caller's ConfigDict afterwards does not change a built model.
 """
 
 from __future__ import annotations
@@ -41,31 +47,30 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ml_collections import FrozenConfigDict
 
 from lavi_jax.models.conditioner import NO_ITEM, VisualContext
-from lavi_jax.models.decoder import Decoder
+from lavi_jax.models.decoder import Decoder, DecoderOutput
 from lavi_jax.models.layers import dtype_of
-from lavi_jax.models.projector import Projector
+from lavi_jax.models.projector import Projector, tokens_per_frame
+from lavi_jax.models.splice import item_positions, splice, splice_layout
 from lavi_jax.models.vit import VisionTower
 
 FUSIONS = ("modulation", "concat", "none")
 
 
-def item_positions(input_ids: jax.Array, image_token_id: int, num_items: int) -> jax.Array:
-    """[B, N] sequence index of each row's k-th image placeholder (``NO_ITEM`` when absent)."""
-    is_img = input_ids == image_token_id
-    rank = jnp.cumsum(is_img, axis=1) - 1
-    hit = is_img[:, :, None] & (rank[:, :, None] == jnp.arange(num_items)[None, None, :])  # [B, T, N]
-    t = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None, :, None]
-    return jnp.min(jnp.where(hit, t, NO_ITEM), axis=1)
-
-
 def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] position ids ``cumsum(attention_mask) - 1`` (0 before a row's first real token)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
 class LaVi(nn.Module):
-    config: Any  # config.model
+    config: Any  # config.model, frozen on construction
+
+    def __post_init__(self):
+        if not isinstance(self.config, FrozenConfigDict):
+            object.__setattr__(self, "config", FrozenConfigDict(self.config))
+        super().__post_init__()
 
     def setup(self):
         c = self.config
@@ -86,7 +91,14 @@ class LaVi(nn.Module):
         return self.projector(feats.reshape((B, N, F) + feats.shape[1:]))
 
     def __call__(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
-                 cache=None, cache_index=None, use_visual_cache: bool = False, item_index=None, logits_at=None):
+                 logits_at=None) -> jax.Array:
+        """Logits [B, T, vocab] float32 ([B, T', vocab] with ``logits_at``)."""
+        return self.forward(input_ids, pixel_values, item_mask, attention_mask=attention_mask,
+                            position_ids=position_ids, logits_at=logits_at).logits
+
+    def forward(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
+                cache=None, cache_index=None, use_visual_cache: bool = False, logits_at=None) -> DecoderOutput:
+        """The full output: logits and hidden at the text positions, and the updated KV cache when given."""
         c = self.config
         B, T = input_ids.shape
         if pixel_values is None and c.fusion != "none" and self.is_initializing():
@@ -99,61 +111,37 @@ class LaVi(nn.Module):
         concat = c.fusion == "concat" and pixel_values is not None
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape if cache is None or concat else (B, cache["k"].shape[2]), jnp.int32)
+        if concat:
+            return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at)
+
         start = 0 if cache_index is None else cache_index
         query_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         if position_ids is None:
             position_ids = query_index if cache is not None else default_positions(attention_mask)
-        kw = dict(attention_mask=attention_mask, position_ids=position_ids, query_index=query_index,
-                  cache=cache, cache_index=cache_index)
-
-        if concat:
-            return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at)
         visual = None
         if c.fusion == "modulation" and use_visual_cache:
             visual = VisualContext(None, None, query_index)
         elif c.fusion == "modulation" and pixel_values is not None:
             tokens, grid = self.encode(pixel_values)
-            if item_index is None:
-                pos, offset = item_positions(input_ids, c.image_token_id, pixel_values.shape[1]), start
-            else:
-                pos, offset = item_index, 0
-            key_index = jnp.where(item_mask & (pos < NO_ITEM)[:, :, None], pos[:, :, None] + offset, NO_ITEM)
+            pos = item_positions(input_ids, c.image_token_id, pixel_values.shape[1])
+            key_index = jnp.where(item_mask & (pos < NO_ITEM)[:, :, None], pos[:, :, None] + start, NO_ITEM)
             visual = VisualContext(tokens, key_index.astype(jnp.int32), query_index, grid)
-        return self.llm(input_ids, visual=visual, logits_at=logits_at, **kw)
+        return self.llm(input_ids, visual=visual, logits_at=logits_at, attention_mask=attention_mask,
+                        position_ids=position_ids, query_index=query_index, cache=cache, cache_index=cache_index)
 
     def _concat(self, input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at):
         """LLaVA-style: splice each item's visual tokens in place of its placeholder."""
         c = self.config
-        B, T = input_ids.shape
-        N = pixel_values.shape[1]
+        B, N = pixel_values.shape[:2]
         tokens, _ = self.encode(pixel_values)  # [B, N, F, P, D]
-        F, P = tokens.shape[2:4]
-        L = F * P
-        visual = tokens.reshape(B, N, L, -1)
-        is_img = input_ids == c.image_token_id
-        is_img &= (jnp.cumsum(is_img, axis=1) - 1) < N
-        extra = jnp.where(is_img, L - 1, 0)
-        start = jnp.arange(T)[None, :] + jnp.cumsum(extra, axis=1) - extra  # where token t lands
-        end = start + extra
-        T_out = T + N * (L - 1)
-        rows = jnp.arange(B)[:, None]
-
-        text = self.llm.embed(input_ids)
-        embeds = jnp.zeros((B, T_out, text.shape[-1]), text.dtype).at[rows, start].set(text)
-        mask = jnp.zeros((B, T_out), jnp.int32).at[rows, start].set(attention_mask.astype(jnp.int32))
-        pos = item_positions(input_ids, c.image_token_id, N)  # [B, N]
-        present = pos < NO_ITEM
-        item_start = jnp.take_along_axis(start, jnp.where(present, pos, 0), axis=1)
-        slots = jnp.where(present[:, :, None], item_start[:, :, None] + jnp.arange(L)[None, None, :], T_out)  # OOB -> dropped
-        frame_ok = jnp.repeat(item_mask, P, axis=2) & present[:, :, None]
-        placeholder_ok = jnp.take_along_axis(attention_mask.astype(jnp.bool_), jnp.where(present, pos, 0), axis=1)
-        embeds = embeds.at[rows[:, :, None], slots].set(visual.astype(embeds.dtype), mode="drop")
-        mask = mask.at[rows[:, :, None], slots].set((frame_ok & placeholder_ok[:, :, None]).astype(jnp.int32), mode="drop")
-        if self.is_mutable_collection("visual_cache"):
-            self.put_variable("visual_cache", "concat_mask", mask)
-        llm_mask = mask
+        P = tokens_per_frame(c)
+        if tokens.shape[3] != P:
+            raise ValueError(f"the projector returned {tokens.shape[3]} tokens per frame, the config gives {P}")
+        layout = splice_layout(input_ids, attention_mask, item_mask, c.image_token_id, P)
+        embeds = splice(self.llm.embed(input_ids), tokens.reshape(B, N, -1, tokens.shape[-1]), layout)
+        llm_mask = layout.mask
         if cache is not None:  # keys past the prefix are later decode steps (hidden by causality here)
-            llm_mask = jnp.pad(mask, ((0, 0), (0, cache["k"].shape[2] - T_out)), constant_values=1)
-        at = end if logits_at is None else jnp.take_along_axis(end, logits_at, axis=1)  # text -> expanded positions
-        return self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=default_positions(mask),
+            llm_mask = jnp.pad(llm_mask, ((0, 0), (0, cache["k"].shape[2] - layout.length)), constant_values=1)
+        at = layout.text_last if logits_at is None else jnp.take_along_axis(layout.text_last, logits_at, axis=1)
+        return self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=default_positions(layout.mask),
                         cache=cache, cache_index=cache_index, logits_at=at)

@@ -8,7 +8,8 @@ per frame (CLS already dropped). Steps:
 3. a learned temporal embedding per frame index (``temporal_embedding``),
    after which an item's frames are read as one sequence of F * P' tokens.
 
-Returns ``(tokens [B, N, F, P', out], grid (h', w'))``.
+Returns ``(tokens [B, N, F, P', out], grid (h', w'))``; :func:`tokens_per_frame`
+gives P' from the model config alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,29 @@ import jax
 import jax.numpy as jnp
 
 from lavi_jax.models.layers import dense
+from lavi_jax.models.vit import num_features_tokens
+
+
+def pooled_side(side: int, pool: int) -> int:
+    """Side of a ``side`` x ``side`` token grid after ``pool`` x ``pool`` average pooling (pool <= 1: none)."""
+    if pool <= 1:
+        return side
+    if side % pool:
+        raise ValueError(f"projector.pool={pool} does not divide the {side}x{side} token grid")
+    return side // pool
+
+
+def grid_side(num_tokens: int) -> int:
+    """Side of a square grid of ``num_tokens`` tokens."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"projector expects a square token grid per frame, got {num_tokens} tokens")
+    return side
+
+
+def tokens_per_frame(model_cfg: Any) -> int:
+    """P': visual tokens per frame after the projector, from ``config.model`` (its vision and projector)."""
+    return pooled_side(grid_side(num_features_tokens(model_cfg.vision)), model_cfg.projector.pool) ** 2
 
 
 class Projector(nn.Module):
@@ -34,17 +58,13 @@ class Projector(nn.Module):
     def __call__(self, feats: jax.Array):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
         B, N, F, P, D = feats.shape
-        side = math.isqrt(P)
-        if side * side != P:
-            raise ValueError(f"projector expects a square token grid per frame, got {P} tokens")
+        side = grid_side(P)
+        out_side = pooled_side(side, c.pool)
         x = feats.astype(self.dtype)
         if c.pool > 1:
-            if side % c.pool:
-                raise ValueError(f"projector.pool={c.pool} does not divide the {side}x{side} token grid")
             x = x.reshape(B * N * F, side, side, D)
             x = nn.avg_pool(x, (c.pool, c.pool), strides=(c.pool, c.pool))
-            side //= c.pool
-            x = x.reshape(B, N, F, side * side, D)
+            x = x.reshape(B, N, F, out_side * out_side, D)
         if c.type == "mlp2x_gelu":
             x = dense(self.features, ("vit_embed", "mlp"), name="linear_1", **kw)(x)
             x = jax.nn.gelu(x, approximate=False)
@@ -59,4 +79,4 @@ class Projector(nn.Module):
             table = self.param("temporal_embedding", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, self.out_name)),
                                (c.max_frames, self.features), self.param_dtype)
             x = x + table[:F].astype(self.dtype)[None, None, :, None, :]
-        return x, (side, side)
+        return x, (out_side, out_side)

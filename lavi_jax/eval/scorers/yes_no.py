@@ -31,7 +31,7 @@ import re
 from collections import defaultdict
 from typing import Any, Sequence
 
-from lavi_jax.evaluators import common
+import lavi_jax.eval.scorers.common as common
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
                   "landmark", "artwork", "OCR")

@@ -27,7 +27,7 @@ OPTION_LETTER_PROMPT_CN = "请直接回答选项字母。"
 
 
 class Evaluator:
-    """Interface of every evaluator returned by `lavi_jax.evaluators.get`."""
+    """Interface of every evaluator returned by `lavi_jax.eval.scorers.get`."""
 
     name: str = "evaluator"
 

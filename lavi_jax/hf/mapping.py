@@ -13,7 +13,7 @@ Three tensor families are mapped:
 * the vision tower (HF ``SiglipVisionModel`` / ``CLIPVisionModel`` names,
   relative to the vision transformer),
 * the LaVi-only tensors (projector and conditioners) in the ``lavi/`` export
-  format read by :mod:`conversions.torch_lavi`: ``projector.*`` and, for a
+  format read by ``conversions.torch_lavi``: ``projector.*`` and, for a
   modulated HF norm at ``model.layers.{i}.input_layernorm``, its conditioner at
   ``model.layers.{i}.input_layernorm.conditioner.*`` (``model.norm.conditioner.*``
   for the final norm, ``shared_conditioner.*`` when one conditioner is shared).

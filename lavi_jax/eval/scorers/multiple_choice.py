@@ -33,7 +33,7 @@ import string
 from collections import defaultdict
 from typing import Any, Sequence
 
-from lavi_jax.evaluators import common
+import lavi_jax.eval.scorers.common as common
 
 LETTERS = string.ascii_uppercase
 

@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
-from lavi_jax.evaluators import common
+import lavi_jax.eval.scorers.common as common
 
 # ----------------------------------------------------------------------------- normalisation
 

@@ -1,7 +1,7 @@
-"""Benchmark scorers (pure Python + numpy), shared by eval.py and in-training evaluation.
+"""Benchmark scorers, shared by eval.py and in-training evaluation.
 
-    from lavi_jax import evaluators
-    ev = evaluators.get("textvqa")
+    from lavi_jax.eval import scorers
+    ev = scorers.get("textvqa")
     samples = ev.load("llava_textvqa_val_v051_ocr.jsonl", "TextVQA_0.5.1_val.json",
                       image_root="train_images")
     predictions = {s["id"]: generate(s["image"], s["prompt"]) for s in samples}
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lavi_jax.evaluators import common, llava_json, multiple_choice, vqa, yes_no
-from lavi_jax.evaluators.common import (OPTION_LETTER_PROMPT, OPTION_LETTER_PROMPT_CN,
+from lavi_jax.eval.scorers import common, llava_json, multiple_choice, vqa, yes_no
+from lavi_jax.eval.scorers.common import (OPTION_LETTER_PROMPT, OPTION_LETTER_PROMPT_CN,
                                         SHORT_ANSWER_PROMPT, Evaluator)
-from lavi_jax.evaluators.llava_json import LlavaJsonEvaluator
-from lavi_jax.evaluators.multiple_choice import MultipleChoiceEvaluator, extract_choice
-from lavi_jax.evaluators.vqa import VQAEvaluator, normalize_answer, vqa_soft_accuracy
-from lavi_jax.evaluators.yes_no import MMEEvaluator, POPEEvaluator, extract_yes_no
+from lavi_jax.eval.scorers.llava_json import LlavaJsonEvaluator
+from lavi_jax.eval.scorers.multiple_choice import MultipleChoiceEvaluator, extract_choice
+from lavi_jax.eval.scorers.vqa import VQAEvaluator, normalize_answer, vqa_soft_accuracy
+from lavi_jax.eval.scorers.yes_no import MMEEvaluator, POPEEvaluator, extract_yes_no
 
 _MC = MultipleChoiceEvaluator
 

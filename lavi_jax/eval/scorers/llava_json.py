@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lavi_jax.evaluators import common
+from lavi_jax.data.llava import prepare_conversation
+from lavi_jax.data.records import load_records, parse_record
+import lavi_jax.eval.scorers.common as common
+from lavi_jax.eval.scorers.vqa import match_accuracy
 
 
 class LlavaJsonEvaluator(common.Evaluator):
@@ -19,9 +22,6 @@ class LlavaJsonEvaluator(common.Evaluator):
         self.name, self.breakdown_key = name, breakdown_key
 
     def load(self, questions, annotations=None, *, image_root=None, limit=None) -> list[dict]:
-        from lavi_jax.data.llava import prepare_conversation
-        from lavi_jax.data.records import load_records, parse_record
-
         samples = []
         for index, raw in enumerate(common.take(load_records(questions), limit)):
             sample = {"id": f"#{index}", "prompt": "", "answers": [""], "metadata": {}}
@@ -47,8 +47,6 @@ class LlavaJsonEvaluator(common.Evaluator):
         return samples
 
     def score(self, samples, predictions, failures=None) -> dict:
-        from lavi_jax.evaluators.vqa import match_accuracy
-
         preds, fails = common.normalize_predictions(predictions), common.normalize_predictions(failures)
         rows = []
         for s in samples:

@@ -1,171 +1,28 @@
-"""Moving tensors through the mapping: safetensors reading and writing, sharded placement, export.
+"""Converted tensors straight into their shards, and back out for export.
 
-:class:`SafetensorsReader` opens a single ``model.safetensors`` or a sharded
-checkpoint (``model.safetensors.index.json``) and reads one tensor at a time
-into a fresh numpy buffer (plain file reads, no memory map, no torch; bfloat16
-and float8 through ``ml_dtypes``). :func:`place_entries` converts and places
-tensors straight into their target shardings, so host memory holds one HF
-tensor (and its converted copy) at a time; scanned leaves are filled layer by
-layer on device. :func:`write_safetensors` streams tensors to (sharded)
-safetensors files the same way.
+:func:`place_entries` reads, converts and places each HF tensor into its
+target sharding before reading the next, so host memory holds one HF tensor
+(and its converted copy) at a time; scanned (stacked) leaves are filled layer
+by layer on device. :func:`hf_tensor_specs` is the export direction: one
+``(hf name, shape, dtype, produce)`` row per tensor, fetched and converted
+only when written.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import math
-import os
-import shutil
-import struct
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conversions.mapping import Entry
-
-INDEX = "model.safetensors.index.json"
-
-DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-CODES = {v: k for k, v in DTYPES.items()}
-
-
-class ConversionError(ValueError):
-    pass
-
-
-def fresh_output_dir(path: str, overwrite: bool) -> str:
-    """Absolute ``path``, emptied when ``overwrite``; a non-empty directory otherwise raises ValueError."""
-    out = os.path.abspath(path)
-    if os.path.exists(out) and os.listdir(out):
-        if not overwrite:
-            raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    return out
-
-
-def np_dtype(dtype) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-class SafetensorsFile:
-    """One ``.safetensors`` file: the header is parsed once, tensors are read on demand."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._f = open(path, "rb", buffering=0)
-        head = self._f.read(8)
-        if len(head) != 8:
-            raise ConversionError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(self._f.read(n))
-        except ValueError as e:
-            raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._start = 8 + n
-        self.tensors: dict[str, tuple[np.dtype, tuple, int, int]] = {}
-        for name, info in header.items():
-            if info["dtype"] not in DTYPES:
-                raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            self.tensors[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
-
-    def read(self, name: str) -> np.ndarray:
-        dtype, shape, begin, end = self.tensors[name]
-        if math.prod(shape) * dtype.itemsize != end - begin:
-            raise ConversionError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
-        return self._read_into(np.empty(shape, dtype), begin, name)
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the leading axis (one contiguous byte range)."""
-        dtype, shape, begin, end = self.tensors[name]
-        row = (end - begin) // shape[0]
-        return self._read_into(np.empty((stop - start,) + shape[1:], dtype), begin + start * row, name)
-
-    def _read_into(self, out: np.ndarray, offset: int, name: str) -> np.ndarray:
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        self._f.seek(self._start + offset)
-        got = 0
-        while got < view.nbytes:
-            n = self._f.readinto(view[got:])
-            if not n:
-                raise ConversionError(f"{self.path}: truncated while reading {name!r}")
-            got += n
-        return out
-
-    def close(self):
-        self._f.close()
-
-
-class SafetensorsReader:
-    """Lazy, tensor-by-tensor reader of an HF checkpoint directory (or a single ``.safetensors`` file)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        if os.path.isfile(path):
-            files = [path]
-        elif os.path.exists(os.path.join(path, INDEX)):
-            with open(os.path.join(path, INDEX)) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted({os.path.join(path, fn) for fn in weight_map.values()})
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            files = [os.path.join(path, "model.safetensors")]
-        elif os.path.isdir(path) and any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
-            raise ConversionError(f"{path} holds pickled PyTorch weights only; convert them to safetensors first "
-                                  "(pickles are never loaded here)")
-        else:
-            raise FileNotFoundError(f"no model.safetensors or {INDEX} in {path}")
-        self._files = [SafetensorsFile(f) for f in files]
-        self._where: dict[str, SafetensorsFile] = {}
-        for f in self._files:
-            for n in f.tensors:
-                self._where[n] = f
-
-    def names(self) -> list[str]:
-        return sorted(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def _info(self, name: str):
-        if name not in self._where:
-            raise ConversionError(f"missing tensor {name!r} in {self.path}")
-        return self._where[name].tensors[name]
-
-    def shape(self, name: str) -> tuple:
-        return self._info(name)[1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._info(name)[0]
-
-    def nbytes(self) -> int:
-        return sum(end - begin for f in self._files for _, _, begin, end in f.tensors.values())
-
-    def get(self, name: str) -> np.ndarray:
-        self._info(name)
-        return self._where[name].read(name)
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        self._info(name)
-        return self._where[name].read_rows(name, start, stop)
-
-    def close(self):
-        for f in self._files:
-            f.close()
+from lavi_jax.hf.errors import ConversionError
+from lavi_jax.hf.mapping import Entry
+from lavi_jax.hf.safetensors_io import SafetensorsReader, np_dtype
 
 
 # ----------------------------------------------------------------------------- checking and placing
@@ -370,51 +227,6 @@ def hf_tensor_specs(entries: list[Entry], params: dict, dtype=None) -> list[tupl
 def export_tensors(entries: list[Entry], params: dict, dtype=None) -> dict[str, np.ndarray]:
     """HF name -> numpy tensor for every entry (``dtype``: cast, default keep)."""
     return {name: produce() for name, _, _, produce in hf_tensor_specs(entries, params, dtype)}
-
-
-def _header(specs) -> bytes:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, dtype, _ in specs:
-        n = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)
-
-
-def write_safetensors(directory: str, specs, max_shard_bytes: int = 5 * 2**30, stem: str = "model") -> list[str]:
-    """Writes ``specs`` (from :func:`hf_tensor_specs`) as ``stem.safetensors`` or as shards with an index.
-
-    Tensors are produced and written one at a time. Returns the written file names.
-    """
-    os.makedirs(directory, exist_ok=True)
-    shards, size = [[]], 0
-    for s in specs:
-        n = math.prod(s[1]) * s[2].itemsize
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += n
-    names = ([f"{stem}.safetensors"] if len(shards) == 1 else
-             [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map, total = {}, 0
-    for fn, shard in zip(names, shards):
-        header = _header(shard)
-        with open(os.path.join(directory, fn), "wb") as f:
-            f.write(struct.pack("<Q", len(header)) + header)
-            for name, shape, dtype, produce in shard:
-                x = produce()
-                if tuple(x.shape) != tuple(shape) or x.dtype != dtype:
-                    raise ConversionError(f"{name}: produced {x.shape} {x.dtype}, expected {shape} {dtype}")
-                f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
-                weight_map[name] = fn
-                total += x.nbytes
-                del x
-    if len(shards) > 1:
-        with open(os.path.join(directory, f"{stem}.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    return names
 
 
 # ----------------------------------------------------------------------------- trees

@@ -200,7 +200,7 @@ def write_synthetic_vqa(
     """Writes ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
 
     Returns ``{"train_json", "eval_json", "image_root"}``, ready for
-    ``data_config(**paths)``.
+    ``config.data.update(**paths)``.
     """
     paths = {
         "train_json": os.path.join(out_dir, "train.json"),

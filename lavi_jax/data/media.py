@@ -1,0 +1,127 @@
+"""A sample's images and videos -> ``pixel_values`` [N, F, H, W, 3] and ``item_mask`` [N, F].
+
+Training records (``llava.ExampleBuilder``) and benchmark samples (the eval
+runner) load their media here. A sample's visual items, in placeholder order:
+its images (``"image"``: a path or a list of paths), else one embedded image
+(``metadata.image_base64``, as some benchmark files carry them), then its videos
+(``"video"``). An image fills frame 0 of its item; a video its first frames,
+sampled uniformly (``video.load_video``); unused items and frames are zeros
+with ``item_mask`` False.
+
+Paths never leave the image root: LLaVA records give paths relative to it
+(``records.resolve_path``), benchmark samples paths already joined with it
+(``joined=True``, checked by :func:`inside_root`). Images above ``max_pixels``
+are refused (``ImageTooLargeError``).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lavi_jax.data.image_processor import ImageProcessor, load_image
+from lavi_jax.data.records import resolve_path
+from lavi_jax.data.video import load_video
+
+IMAGE, BASE64, VIDEO = "image", "base64", "video"
+Item = tuple[str, Any]  # (IMAGE, path) | (BASE64, text) | (VIDEO, path)
+
+
+def _paths(sample: dict[str, Any], key: str) -> list[Any]:
+    value = sample.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value:
+        return list(value)
+    raise ValueError(f'"{key}" must be a path or a non-empty list of paths, got {value!r}')
+
+
+def media_items(sample: dict[str, Any]) -> list[Item]:
+    """The sample's visual items in placeholder order; raises ``ValueError`` for a malformed ``image`` / ``video``."""
+    items = [(IMAGE, p) for p in _paths(sample, "image")]
+    embedded = (sample.get("metadata") or {}).get("image_base64")
+    if not items and embedded:
+        items.append((BASE64, embedded))
+    return items + [(VIDEO, p) for p in _paths(sample, "video")]
+
+
+def inside_root(root: str | None, path: str) -> str:
+    """``path`` if it lies inside ``root`` (lexically; no root: any path); raises ``ValueError`` otherwise."""
+    if not root:
+        return path
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    try:
+        return resolve_path(root, relative)
+    except ValueError:
+        raise ValueError(f"media path {path!r} is outside the image root {root!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaLoader:
+    """Loads a sample's visual items with ``processor``; raises for unusable media.
+
+    ``loader(sample, num_items)`` -> ``(pixel_values [num_items, num_frames, H, W, 3]
+    float32, item_mask [num_items, num_frames] bool)``; ``num_items`` defaults to
+    the sample's own count. ``resolve`` + ``load`` split the two steps, for
+    callers that check paths before tokenising.
+    """
+
+    processor: ImageProcessor
+    num_frames: int = 1
+    image_root: str | None = None
+    max_pixels: int | None = None
+    joined: bool = False  # paths already joined with image_root (benchmark samples), else relative to it
+
+    def __post_init__(self):
+        if self.processor.output_size is None:
+            raise ValueError("the image processor must produce a fixed output size")
+
+    def __call__(self, sample: dict[str, Any], num_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.load(self.resolve(media_items(sample)), num_items)
+
+    def resolve(self, items: list[Item]) -> list[Item]:
+        """Items with their paths checked against the image root (``ValueError`` for a path outside it)."""
+        return [(kind, value if kind == BASE64 else self.path(value)) for kind, value in items]
+
+    def path(self, path: Any) -> str:
+        if self.joined:
+            return inside_root(self.image_root, path)
+        return resolve_path(self.image_root or "", path)
+
+    def frames(self, kind: str, value: Any) -> list[Image.Image]:
+        """The frames of one resolved item: one for an image, up to ``num_frames`` for a video."""
+        if kind == BASE64:
+            return [load_image(io.BytesIO(base64.b64decode(value)), self.max_pixels)]
+        if kind == IMAGE:
+            return [load_image(value, self.max_pixels)]
+        return load_video(value, self.num_frames, self.max_pixels)
+
+    def load(self, items: list[Item], num_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Resolved items -> ``(pixel_values, item_mask)`` of ``num_items`` items (default: ``len(items)``)."""
+        n = len(items) if num_items is None else int(num_items)
+        if len(items) > n:
+            raise ValueError(f"{len(items)} images/videos, more than {n}")
+        return self._stack([self.frames(kind, value) for kind, value in items], n)
+
+    def _stack(self, items: list[list[Image.Image]], num_items: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each item's frames, preprocessed, into zero-padded ``(pixel_values, item_mask)``."""
+        h, w = self.processor.output_size
+        pixel_values = np.zeros((num_items, self.num_frames, h, w, 3), np.float32)
+        item_mask = np.zeros((num_items, self.num_frames), bool)
+        for i, frames in enumerate(items):
+            for f, frame in enumerate(frames[: self.num_frames]):
+                pixel_values[i, f] = self.processor(frame)
+                item_mask[i, f] = True
+        return pixel_values, item_mask
+
+    def empty(self, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+        """Zero ``(pixel_values, item_mask)`` of ``num_items`` items (rows with no usable media)."""
+        return self._stack([], num_items)

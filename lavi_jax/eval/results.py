@@ -1,0 +1,51 @@
+"""Task results: the ``<out>/<task>.json`` files, the summary table and flat scalars for metric writers.
+
+A result is the dict :meth:`lavi_jax.eval.Runner.run` returns: ``task``,
+``evaluator``, ``metrics``, ``num_samples``, ``num_failed``, ``failures``,
+``settings``, ``seconds`` and ``per_sample``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+HEADLINE = ("accuracy", "circular_accuracy", "f1", "perception", "cognition", "exact_match", "normalized_match")
+POINTS = ("perception", "cognition")  # MME scores, in the benchmark's points rather than fractions
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """The metrics a summary shows, in ``HEADLINE`` order."""
+    return {k: metrics[k] for k in HEADLINE if isinstance(metrics.get(k), (int, float))}
+
+
+def summary_table(results: list[dict]) -> str:
+    """A plain-text table: one row per task, its headline metrics, samples and failures."""
+    rows = []
+    for r in results:
+        scores = "  ".join(f"{k} {v:.1f}" if k in POINTS else f"{k} {v:.2%}" for k, v in headline(r["metrics"]).items())
+        rows.append((r["task"], scores, str(r["num_samples"]), str(r["num_failed"])))
+    head = ("task", "scores", "samples", "failed")
+    widths = [max(len(x[c]) for x in rows + [head]) for c in range(4)]
+    line = lambda x: f"{x[0]:<{widths[0]}}  {x[1]:<{widths[1]}}  {x[2]:>{widths[2]}}  {x[3]:>{widths[3]}}"
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(x) for x in rows])
+
+
+def flat_scalars(results: list[dict]) -> dict[str, float]:
+    """``{"<task>/<metric>": value}`` of every top-level number, for metric writers."""
+    return {f"{r['task']}/{k}": float(v) for r in results for k, v in r["metrics"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def result_path(out_dir: str, task: str) -> str:
+    return os.path.join(out_dir, task.replace("/", "_").replace(os.sep, "_") + ".json")
+
+
+def write_result(result: dict, out_dir: str) -> str:
+    """Writes ``<out_dir>/<task>.json`` atomically (a temporary file, then a rename); returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = result_path(out_dir, result["task"])
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, ensure_ascii=False, default=str)
+    os.replace(path + ".tmp", path)
+    return path

@@ -1,0 +1,86 @@
+"""Where visual items sit in a token sequence: placeholder positions and the concat fusion's splice layout.
+
+Row b's k-th ``image_token_id`` is item k's placeholder. For ``fusion="concat"``
+each placeholder of the first N items is replaced by its item's L = F * P
+visual tokens (F frames of P tokens each), so a row of T tokens becomes
+``T_out = T + N * (L - 1)`` tokens (rows with fewer placeholders leave masked
+slots at the end). The layout depends on shapes and token ids only, so the
+generator computes it without running the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lavi_jax.models.conditioner import NO_ITEM
+
+
+def item_positions(input_ids: jax.Array, image_token_id: int, num_items: int) -> jax.Array:
+    """[B, N] sequence index of each row's k-th image placeholder (``NO_ITEM`` when absent)."""
+    is_img = input_ids == image_token_id
+    rank = jnp.cumsum(is_img, axis=1) - 1
+    hit = is_img[:, :, None] & (rank[:, :, None] == jnp.arange(num_items)[None, None, :])  # [B, T, N]
+    t = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None, :, None]
+    return jnp.min(jnp.where(hit, t, NO_ITEM), axis=1)
+
+
+@struct.dataclass
+class SpliceLayout:
+    """Where the tokens of a [B, T] row land in the expanded [B, T_out] sequence.
+
+    text_slot: [B, T] int32 expanded index of each token (a placeholder: its item's first visual token).
+    text_last: [B, T] int32 last expanded index of each token's span (a placeholder: its item's last
+        visual token); the logits of token t are read there.
+    visual_slot: [B, N, L] int32 expanded index of each visual token of item k; ``length`` (out of
+        range, dropped by scatters) for items without a placeholder.
+    mask: [B, T_out] int32 expanded attention mask: text tokens keep theirs; a visual token is valid
+        iff its frame (``item_mask``) and its placeholder are.
+    length: T_out (static).
+    """
+
+    text_slot: jax.Array
+    text_last: jax.Array
+    visual_slot: jax.Array
+    mask: jax.Array
+    length: int = struct.field(pytree_node=False)
+
+
+def spliced_length(seq_len: int, num_items: int, num_frames: int, tokens_per_frame: int) -> int:
+    """T_out = T + N * (F * P - 1)."""
+    return seq_len + num_items * (num_frames * tokens_per_frame - 1)
+
+
+def splice_layout(input_ids: jax.Array, attention_mask: jax.Array, item_mask: jax.Array, image_token_id: int,
+                  tokens_per_frame: int) -> SpliceLayout:
+    """The concat layout of ``input_ids`` [B, T] with ``attention_mask`` [B, T] and ``item_mask`` [B, N, F]."""
+    B, T = input_ids.shape
+    N, F = item_mask.shape[1:]
+    L = F * tokens_per_frame
+    T_out = spliced_length(T, N, F, tokens_per_frame)
+    is_img = input_ids == image_token_id
+    is_img &= (jnp.cumsum(is_img, axis=1) - 1) < N  # placeholders past the N-th stay text
+    extra = jnp.where(is_img, L - 1, 0)
+    start = jnp.arange(T, dtype=jnp.int32)[None, :] + jnp.cumsum(extra, axis=1) - extra
+    rows = jnp.arange(B)[:, None]
+    valid = attention_mask.astype(jnp.int32)
+    mask = jnp.zeros((B, T_out), jnp.int32).at[rows, start].set(valid)
+
+    pos = item_positions(input_ids, image_token_id, N)
+    present = pos < NO_ITEM
+    safe = jnp.where(present, pos, 0)
+    item_start = jnp.take_along_axis(start, safe, axis=1)
+    slots = jnp.where(present[:, :, None], item_start[:, :, None] + jnp.arange(L)[None, None, :], T_out)
+    frame_ok = jnp.repeat(item_mask, tokens_per_frame, axis=2) & present[:, :, None]
+    placeholder_ok = jnp.take_along_axis(valid.astype(jnp.bool_), safe, axis=1)
+    mask = mask.at[rows[:, :, None], slots].set((frame_ok & placeholder_ok[:, :, None]).astype(jnp.int32), mode="drop")
+    return SpliceLayout(start, start + extra, slots.astype(jnp.int32), mask, T_out)
+
+
+def splice(text: jax.Array, visual: jax.Array, layout: SpliceLayout) -> jax.Array:
+    """Text embeddings [B, T, D] and visual tokens [B, N, L, D] -> the expanded sequence [B, T_out, D]."""
+    B, _, D = text.shape
+    rows = jnp.arange(B)[:, None]
+    out = jnp.zeros((B, layout.length, D), text.dtype).at[rows, layout.text_slot].set(text)
+    return out.at[rows[:, :, None], layout.visual_slot].set(visual.astype(out.dtype), mode="drop")

@@ -1,0 +1,13 @@
+"""Training: the loop (:func:`train`), the step and optimizer, the dry run.
+
+    from lavi_jax import train
+    state, metrics = train.train(config, workdir)
+    report = train.dry_run(config)          # compile only: memory and FLOPs per device
+"""
+
+from lavi_jax.train.dry_run import dry_run
+from lavi_jax.train.loop import NonFiniteError, initial_params, train
+from lavi_jax.train.optimizer import (STAGES, init_opt_state, is_trainable, learning_rate_schedule, lr_multiplier,
+                                      make_optimizer, merge, partition, scale_by_path, trainable_patterns)
+from lavi_jax.train.state import TrainState, create_state, opt_state_shardings, state_shardings
+from lavi_jax.train.step import StepProgram, jit_train_step, local_batch_size, loss_terms, make_train_step

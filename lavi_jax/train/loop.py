@@ -1,0 +1,158 @@
+"""The training loop: mesh, sharded state, resume, data, steps, checkpoints, metrics, evals.
+
+One code path from a laptop CPU to a TPU pod: every process runs :func:`train`
+with the same config; each feeds its own data shard, which becomes one global
+batch sharded over the mesh's ``data`` and ``fsdp`` axes.
+
+Resume order: the latest checkpoint in ``<workdir>/checkpoints``, else
+``config.init.checkpoint`` (params only), else an HF import
+(``config.init.hf_llm`` / ``hf_vision``), else random initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lavi_jax import checkpoint, eval as evaluation, sharding
+from lavi_jax.data import make_components, make_train_iterator
+from lavi_jax.hf import import_hf
+from lavi_jax.train.metric_writer import MetricWriter
+from lavi_jax.train.state import TrainState, create_state
+from lavi_jax.train.step import jit_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def initial_params(config, model, mesh, example_ids):
+    """Params of a run without a checkpoint in its workdir: ``config.init``'s checkpoint or HF import, else random."""
+    init = config.init
+    if init.checkpoint:
+        return checkpoint.restore_params(init.checkpoint, config.model, mesh)
+    if init.hf_llm:
+        cfg, params = import_hf(init.hf_llm, init.hf_vision or None, config.model, mesh=mesh, seed=config.train.seed)
+        if cfg.llm.to_dict() != config.model.llm.to_dict():
+            raise ValueError(f"config.model.llm does not match {init.hf_llm}: build the config with conversions.import_hf")
+        return params
+    return sharding.init_params(model, jax.random.key(config.train.seed), example_ids, mesh=mesh)
+
+
+def check_data(config) -> None:
+    """Fails before any work when the run has no training data."""
+    if not config.data.train_json:
+        raise ValueError("config.data.train_json is empty: pass --config.data.train_json=FILE (LLaVA .json/.jsonl) "
+                         "and --config.data.image_root=DIR; the synthetic demo runs with `python demo.py`")
+
+
+def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState, dict]:
+    """Runs (or resumes) training in ``workdir``. -> ``(state, metrics)``: the final train state and the last
+    logged metrics with the end-of-run eval scores.
+
+    ``stop_at`` ends this invocation after that step (with a checkpoint), as a
+    preemption would; calling again resumes.
+    """
+    c = config.train
+    check_data(config)
+    program = jit_train_step(config)
+    mesh, model, step_fn, shapes = program.mesh, program.model, program.fn, program.batch.shapes()
+    local_bs = program.batch.batch_size
+    example_ids = jnp.zeros((1, 8), jnp.int32)
+
+    tokenizer, processor = make_components(config)
+    train_iter = make_train_iterator(config.data, tokenizer, processor, batch_size=local_bs, seed=c.seed)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints, with_data=True)
+    state = _resume(ckpt, program.abstract, program.shardings, train_iter, workdir)
+    if state is None:
+        state = create_state(initial_params(config, model, mesh, example_ids), program.tx, program.patterns, program.shardings)
+    start = int(jax.device_get(state.step))
+
+    writer = MetricWriter(workdir, c.num_steps, start)
+    cfg_json = checkpoint.config_to_json(config)
+    benchmarks = evaluation.training_evals(config, model, mesh, tokenizer, processor, workdir)
+    scorer = evaluation.exact_match_scorer(model)
+
+    def exact_match(params) -> dict:
+        return evaluation.evaluate_exact_match(config, model, params, mesh, tokenizer, processor, scorer=scorer)[0]
+
+    def save(step):
+        checkpoint.save_train_state(ckpt, step, params=state.params, config=cfg_json, data_iterator=train_iter,
+                                    train_state={"opt_state": state.opt_state, "step": state.step,
+                                                 "nonfinite": state.nonfinite})
+
+    last_log, tokens, pending, final = time.time(), 0.0, None, {}
+    end = c.num_steps if stop_at is None else min(stop_at, c.num_steps)
+    with sharding.use_mesh(mesh):
+        for step in range(start, end):
+            local = next(train_iter)
+            tokens += float(local["attention_mask"].sum()) * jax.process_count()
+            state, metrics = step_fn(state, sharding.to_global({k: local[k] for k in shapes}, mesh))
+            if pending is not None:  # read the previous step's flag now, keeping one step in flight
+                _check_finite(pending, c.max_nonfinite, writer)
+            pending = (step + 1, metrics["finite"], metrics["nonfinite"])  # state buffers are donated
+            writer.advance()
+            done = step + 1
+            if done % c.log_every == 0 or done == c.num_steps:
+                m = jax.device_get(metrics)
+                now = time.time()
+                final = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+                         "grad_norm": float(m["grad_norm"]), "tokens_per_second": tokens / max(now - last_log, 1e-9),
+                         "bad_records": int(train_iter.bad_records.count)}
+                writer.write(done, final)
+                last_log, tokens = now, 0.0
+            if done % c.checkpoint_every == 0 or done == end:
+                save(done)
+            if config.evals.every and done % config.evals.every == 0 and done != c.num_steps:
+                if config.data.eval_json:
+                    writer.write(done, exact_match(state.params))
+                if benchmarks:
+                    writer.write(done, benchmarks(state.params, done))
+        if pending is not None:
+            _check_finite(pending, c.max_nonfinite, writer)
+    ckpt.wait_until_finished()
+    if end == c.num_steps:
+        if config.data.eval_json and config.evals.exact_match:
+            scores = exact_match(state.params)
+            writer.write(c.num_steps, scores)
+            final.update(scores)
+        if benchmarks:
+            scores = benchmarks(state.params, c.num_steps)
+            writer.write(c.num_steps, scores)
+            final.update(scores)
+    writer.close()
+    ckpt.close()
+    if train_iter.bad_records.count and jax.process_index() == 0:
+        for r in train_iter.bad_records.reports[:20]:
+            print(f"skipped record {r.id!r}: {r.reason}")
+    return state, final
+
+
+def _resume(ckpt, abstract: TrainState, shardings: TrainState, train_iter, workdir: str) -> TrainState | None:
+    """The state of the latest checkpoint in the workdir (data iterator moved to its position), or None."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    params, ts = checkpoint.restore_train_state(
+        ckpt, latest, params=target.params, data_iterator=train_iter,
+        train_state={"opt_state": target.opt_state, "step": target.step, "nonfinite": target.nonfinite})
+    if jax.process_index() == 0:
+        print(f"resumed from {workdir}/checkpoints step {latest}")
+    return TrainState(step=ts["step"], params=params, opt_state=ts["opt_state"], nonfinite=ts["nonfinite"])
+
+
+def _check_finite(pending, max_nonfinite: int, writer: MetricWriter) -> None:
+    step, finite, count = pending
+    if bool(jax.device_get(finite)):
+        return
+    n = int(jax.device_get(count))
+    writer.write(step, {"nonfinite_step": 1, "nonfinite_consecutive": n})
+    if jax.process_index() == 0:
+        print(f"step {step}: non-finite loss or gradient, update skipped ({n} in a row)")
+    if n >= max_nonfinite:
+        raise NonFiniteError(f"step {step}: {n} consecutive non-finite steps (train.max_nonfinite={max_nonfinite})")

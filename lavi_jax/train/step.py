@@ -1,0 +1,116 @@
+"""The loss and the train step (gradient accumulation, non-finite guard).
+
+* Loss: next-token cross entropy on assistant tokens (``loss_mask`` aligned to
+  target positions, see :mod:`lavi_jax.data.batch`), averaged over the global
+  batch's target tokens; gradients are accumulated over ``config.train.grad_accum``
+  micro-batches.
+* A step whose loss or gradient norm is not finite leaves params and optimizer
+  state untouched and increments ``nonfinite`` (reset by the next finite step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from lavi_jax import sharding
+from lavi_jax.data.batch import BatchSpec
+from lavi_jax.models.lavi import LaVi
+from lavi_jax.train.optimizer import learning_rate_schedule, make_optimizer, merge, partition, trainable_patterns
+from lavi_jax.train.state import TrainState, state_shardings
+
+
+def loss_terms(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of target-token NLL, number of target tokens) for a batch."""
+    logits = model.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"), batch.get("item_mask"),
+                         attention_mask=batch["attention_mask"])
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    w = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_collections.ConfigDict):
+    """``step(state, batch) -> (state, metrics)``, to be jitted with shardings."""
+    patterns = trainable_patterns(c.trainable)
+    schedule = learning_rate_schedule(c)
+    k = int(c.grad_accum)
+
+    def step(state: TrainState, batch: dict):
+        trainable, frozen = partition(state.params, patterns)
+        micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            g_sum, num_sum, den_sum = carry
+            (num, den), g = jax.value_and_grad(lambda t: loss_terms(model, merge(t, frozen), mb), has_aux=True)(trainable)
+            return (jax.tree.map(jnp.add, g_sum, g), num_sum + num, den_sum + den), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (g_sum, num, den), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+        den = jnp.maximum(den, 1.0)
+        grads = jax.tree.map(lambda g: g / den, g_sum)
+        loss = num / den
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=merge(keep(new_trainable, trainable), frozen),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                   "tokens": den, "finite": finite, "nonfinite": new_state.nonfinite}
+        return new_state, metrics
+
+    return step
+
+
+def local_batch_size(c: ml_collections.ConfigDict, mesh: Mesh) -> int:
+    """Per-process batch size, after checking the global batch splits over processes, mesh and micro-batches."""
+    n_proc = jax.process_count()
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if c.batch_size % n_proc or c.batch_size % shards or c.batch_size % c.grad_accum:
+        raise ValueError(f"train.batch_size={c.batch_size} must divide by processes ({n_proc}), data*fsdp ({shards}) "
+                         f"and train.grad_accum ({c.grad_accum})")
+    if (c.batch_size // c.grad_accum) % shards:
+        raise ValueError(f"micro-batch {c.batch_size // c.grad_accum} must divide by data*fsdp ({shards})")
+    return c.batch_size // n_proc
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """A run's jitted train step and everything it is built from (nothing allocated yet)."""
+
+    mesh: Mesh
+    model: LaVi
+    tx: optax.GradientTransformation
+    patterns: tuple[str, ...]
+    abstract: TrainState  # ShapeDtypeStructs
+    shardings: TrainState  # NamedShardings
+    batch: BatchSpec  # this process's batch
+    fn: Any  # jitted (state, global batch) -> (state, metrics); donates the state
+
+
+def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> StepProgram:
+    """The train step of ``config`` on ``mesh`` (default: ``config.mesh`` over every device), jitted with shardings."""
+    c = config.train
+    mesh = mesh or sharding.make_mesh(config.mesh.to_dict())
+    model = LaVi(config.model)
+    patterns = trainable_patterns(c.trainable)
+    tx = make_optimizer(c)
+    abstract, shardings = state_shardings(model, tx, patterns, mesh, jnp.zeros((1, 8), jnp.int32))
+    batch = BatchSpec.from_config(config, local_batch_size(c, mesh))
+    batch_shardings = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in batch.shapes().items()}
+    fn = jax.jit(make_train_step(model, tx, c), in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return StepProgram(mesh, model, tx, patterns, abstract, shardings, batch, fn)
