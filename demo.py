@@ -9,18 +9,15 @@ their held-out exact match per question type next to the majority-answer rate.
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lavi_jax import distributed
 from lavi_jax.demo import run
 
 flags.DEFINE_string("workdir", None, "Where the data, checkpoints and results go.", required=True)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+distributed.define_flags()
 config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py"),
                                 "Config file, path[:arg].", lock_config=True)
 FLAGS = flags.FLAGS
@@ -28,9 +25,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.start_from_flags()
     run.run(FLAGS.config, FLAGS.workdir)
 
 

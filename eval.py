@@ -15,9 +15,8 @@ them (CPU, bare GPU clusters).
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lavi_jax import checkpoint, distributed
@@ -27,9 +26,7 @@ flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint 
 flags.DEFINE_string("ckpt", None, "A checkpoint (workdir, checkpoint dir or step dir) to evaluate instead of --workdir's.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_string("out", None, "Where results/<task>.json files go (default: <workdir>/results, else <ckpt>/results).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+distributed.define_flags()
 config_flags.DEFINE_config_file("config", None, "Config file, path[:arg].", lock_config=False, accept_new_attributes=True)
 FLAGS = flags.FLAGS
 
@@ -46,11 +43,9 @@ def output_dir() -> str:
 
 def main(argv):
     del argv
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
     if not (FLAGS.ckpt or FLAGS.workdir):
         raise app.UsageError("pass --workdir or --ckpt")
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.start_from_flags()
     evaluate_checkpoint(FLAGS.config, FLAGS.ckpt or FLAGS.workdir, output_dir(), step=FLAGS.step)
 
 

@@ -10,27 +10,22 @@ clusters). ``--config.dry_run=True`` compiles the step and prints its memory
 and FLOPs per device without allocating weights. The synthetic demo is ``demo.py``.
 """
 
-import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lavi_jax import distributed, train
 
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.", required=True)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+distributed.define_flags()
 config_flags.DEFINE_config_file("config", None, "Config file, path[:arg].", lock_config=True)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.start_from_flags()
     if FLAGS.config.dry_run:
         train.dry_run(FLAGS.config)
         return

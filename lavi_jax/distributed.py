@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
+from absl import flags, logging
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -21,3 +23,19 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+
+
+def define_flags() -> None:
+    """Defines the multi-process flags every command line takes: --coordinator_address, --num_processes, --process_id."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def start_from_flags() -> None:
+    """For a command line's ``main``: quietens logging (orbax and grain are chatty at INFO) unless ``--verbosity``
+    was given, then joins the run's processes as the flags of :func:`define_flags` say."""
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+        logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    initialize(f.coordinator_address, f.num_processes, f.process_id)

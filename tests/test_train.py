@@ -228,3 +228,17 @@ def test_lr_mults_scale_the_updates_of_matching_params():
     assert np.abs(base["vision"]["w"]).min() > 0
     with pytest.raises(ValueError, match="lr_mults"):
         updates(((r"(", 2.0),))
+
+
+def test_a_data_path_the_user_set_is_used_or_the_run_stops_saying_what_to_pass(tmp_path):
+    """train.py without training data stops naming the flag; the demo, which writes its own data, refuses a
+    user's data path instead of silently replacing it."""
+    from lavi_jax.demo.run import run as run_demo
+
+    config = lavi_jax.configs.get("configs/demo.py:quick")
+    with pytest.raises(ValueError, match=r"--config.data.train_json="):
+        training.train(config, str(tmp_path / "train"))
+    config.data.train_json = str(tmp_path / "mine.json")
+    with pytest.raises(ValueError, match=r"config.data.train_json is set.*python train.py"):
+        run_demo(config, str(tmp_path / "demo"))
+    assert not os.path.exists(tmp_path / "demo" / "data") and not os.path.exists(tmp_path / "train")

@@ -23,6 +23,7 @@ import math
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from lavi_jax.data.bad_records import BadRecord, BadRecordTracker
@@ -56,8 +57,6 @@ class DataIterator(grain.DatasetIterator):
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         return jax.process_index(), jax.process_count()
     return process_index, process_count
 

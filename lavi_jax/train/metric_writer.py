@@ -19,11 +19,11 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # process 0 only: the other processes never load it
 
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         if total_steps:
-            from tqdm import tqdm
+            from tqdm import tqdm  # process 0 only
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
                             disable=os.environ.get("LAVI_NO_PROGRESS") == "1")
