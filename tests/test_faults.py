@@ -257,12 +257,13 @@ def test_no_unsafe_loading_in_the_package():
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *a], capture_output=True, text=True,
-                                    cwd=str(tmp_path), timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    run = lambda *a, script="train.py": subprocess.run([sys.executable, os.path.join(ROOT, script), *a], capture_output=True,
+                                                       text=True, cwd=str(tmp_path), timeout=120,
+                                                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
     out = run("--config", "configs/nope.py", "--workdir", str(tmp_path))
     assert out.returncode != 0 and "nope.py" in out.stderr
     out = run("--config", os.path.join(ROOT, "configs/demo.py"))
     assert out.returncode != 0 and "workdir" in out.stderr
     out = run("--config", os.path.join(ROOT, "configs/demo.py"), "--workdir", str(tmp_path), "--config.mesh.data=3",
-              "--config.demo.num_train=16", "--config.demo.num_eval=8", "--config.demo.fusions=('none',)")
+              "--config.demo.num_train=16", "--config.demo.num_eval=8", "--config.demo.fusions=('none',)", script="demo.py")
     assert out.returncode != 0 and "mesh" in out.stderr
