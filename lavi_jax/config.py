@@ -102,6 +102,7 @@ def model(**overrides) -> ConfigDict:
     c.param_dtype = "float32"
     c.scan_layers = False
     c.remat_policy = "none"  # "none" | "full" | "dots" | "dots_with_no_batch_dims"
+    c.attention = "auto"  # "auto" (splash on TPU, cudnn on GPU, xla on CPU) | "xla" | "splash" | "cudnn"
     c.update(overrides)
     return c
 

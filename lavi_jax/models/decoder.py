@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 
 from lavi_jax import sharding
+from lavi_jax.models.attention import AttentionMask, attention
 from lavi_jax.models.conditioner import Conditioner, VisualContext
 from lavi_jax.models.layers import dense, dtype_of
 
@@ -167,9 +168,12 @@ class Embed(nn.Module):
 
 
 class Attention(nn.Module):
+    """GQA self-attention with RoPE; ``mask`` an :class:`AttentionMask`, ``implementation`` ``config.model.attention``."""
+
     cfg: Any
     dtype: Any
     param_dtype: Any
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
@@ -186,7 +190,7 @@ class Attention(nn.Module):
             ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             new_cache, k, v = {"k": ck, "v": cv}, ck.astype(self.dtype), cv.astype(self.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim**-0.5)
+        out = attention(q, k, v, mask, scale=c.head_dim**-0.5, implementation=self.implementation)
         out = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), name="o_proj", dtype=self.dtype, param_dtype=self.param_dtype)(out)
         return out, new_cache
 
@@ -211,6 +215,7 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     shared: Optional[nn.Module] = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h, positions, mask, visual=None, cache=None, cache_index=None):
@@ -218,7 +223,7 @@ class DecoderLayer(nn.Module):
         norms = () if self.cond is None else tuple(self.cond.norms)
         kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, shared=self.shared)
         x = RMSNorm(conditioner=self.cond if "attn" in norms else None, name="input_layernorm", **kw)(h, visual)
-        attn, new_cache = Attention(c, self.dtype, self.param_dtype, name="self_attn")(x, positions, mask, cache, cache_index)
+        attn, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention, name="self_attn")(x, positions, mask, cache, cache_index)
         h = sharding.constrain(h + attn, ("batch", "length", "embed"))
         x = RMSNorm(conditioner=self.cond if "mlp" in norms else None, name="post_attention_layernorm", **kw)(h, visual)
         h = sharding.constrain(h + MLP(c, self.dtype, self.param_dtype, name="mlp")(x), ("batch", "length", "embed"))
@@ -232,13 +237,14 @@ class Block(nn.Module):
     conds: tuple = (None,)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h, cache, positions, mask, visual, cache_index):
         new_caches = []
         for j, cond in enumerate(self.conds):
             layer_cache = None if cache is None else jax.tree.map(lambda a: a[j], cache)
-            h, nc = DecoderLayer(self.cfg, cond, self.dtype, self.param_dtype, name=f"layers_{j}")(h, positions, mask, visual, layer_cache, cache_index)
+            h, nc = DecoderLayer(self.cfg, cond, self.dtype, self.param_dtype, attention=self.attention, name=f"layers_{j}")(h, positions, mask, visual, layer_cache, cache_index)
             new_caches.append(nc)
         stacked = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
         return h, stacked
@@ -250,7 +256,8 @@ class Decoder(nn.Module):
     ``cond`` is the conditioner config (None: a plain LLM). Call with either
     ``input_ids`` or ``inputs_embeds``. ``attention_mask`` [B, S] marks valid keys
     (S = T, or the cache length when decoding); ``query_index`` [B, T] is each
-    query's index in that key sequence (default ``arange(T)``). ``cache`` is
+    query's index in that key sequence (default ``arange(T)``; without a cache
+    queries are keys 0..T-1, so it must be ``arange(T)`` there). ``cache`` is
     ``{"k", "v"}`` with a leading layer axis [L, B, S, K, D]; the output carries
     the updated one. ``logits_at`` [B, T'] (indices into the T queries)
     computes the final norm and the head only at those positions.
@@ -262,6 +269,7 @@ class Decoder(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "auto"  # config.model.attention: auto | xla | splash | cudnn
 
     def setup(self):
         c = self.cfg
@@ -287,10 +295,10 @@ class Decoder(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers // k,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, tuple(conds[:k]), self.dtype, self.param_dtype, name="blocks")
+            )(c, tuple(conds[:k]), self.dtype, self.param_dtype, self.attention, name="blocks")
         else:
             self.layers = [
-                layer_cls(c, conds[i], self.dtype, self.param_dtype, shared=shared, name=f"layers_{i}")
+                layer_cls(c, conds[i], self.dtype, self.param_dtype, shared=shared, attention=self.attention, name=f"layers_{i}")
                 for i in range(c.num_layers)
             ]
         final_cond = self.cond if (self.cond is not None and self.cond.final_norm) else None
@@ -316,9 +324,7 @@ class Decoder(nn.Module):
             attention_mask = jnp.ones((B, S), jnp.bool_)
         if position_ids is None:
             position_ids = query_index
-        keys = jnp.arange(S, dtype=jnp.int32)
-        mask = (keys[None, None, :] <= query_index[:, :, None]) & attention_mask.astype(jnp.bool_)[:, None, :]
-        mask = mask[:, None]  # [B, 1, T, S]
+        mask = AttentionMask(query_index, attention_mask.astype(jnp.bool_), aligned=cache is None)
 
         new_cache = None
         if self.scan_layers:

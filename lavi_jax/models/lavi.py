@@ -78,7 +78,8 @@ class LaVi(nn.Module):
             raise ValueError(f"unknown fusion {c.fusion!r} (one of {FUSIONS})")
         dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
         modulation = c.fusion == "modulation"
-        self.llm = Decoder(c.llm, c.conditioner if modulation else None, dt, pdt, c.scan_layers, c.remat_policy)
+        self.llm = Decoder(c.llm, c.conditioner if modulation else None, dt, pdt, c.scan_layers, c.remat_policy,
+                           c.get("attention", "auto"))  # configs saved before the knob existed lack it
         if c.fusion != "none":
             self.vision = VisionTower(c.vision, dt, pdt)
             width = c.conditioner.width if modulation else c.llm.hidden_size
