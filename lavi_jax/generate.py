@@ -3,6 +3,8 @@
     gen = Generator(model, max_new_tokens=64, stop_ids=(eos,))
     tokens, lengths = gen(params, input_ids, attention_mask, pixel_values, item_mask)
     # tokens [B, 64] int32; tokens[b, :lengths[b]] is row b's answer (without the stop token)
+    for tok in gen.stream(params, gen.prefill(params, input_ids, ...)):  # or token by token, [B] each step
+        ...
 
 or the one-shot ``generate(model, params, input_ids, ..., max_new_tokens=64)``.
 
@@ -131,6 +133,7 @@ class Generator:
         self.num_traces = {"prefill": 0, "decode": 0}
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
+        self._step = jax.jit(self._step_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
 
     # -- public
 
@@ -167,7 +170,43 @@ class Generator:
                                           greedy=greedy, top_k=0 if greedy else int(sampling.top_k))
         return tokens, lengths
 
+    def stream(self, params, state, *, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
+        """Like ``decode``, one token at a time: yields every row's next token ([B] int32, ``pad_id`` for
+        rows that stopped; a row's stop token is yielded) until every row stopped or ``max_new_tokens``."""
+        rng = jax.random.key(0) if rng is None else rng
+        greedy = sampling.temperature == 0
+        knobs = dict(greedy=greedy, top_k=0 if greedy else int(sampling.top_k))
+        temperature, top_p = jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p)
+        cache, rest = state["cache"], {k: v for k, v in state.items() if k != "cache"}
+        tok = sample(rest["logits"], jax.random.fold_in(rng, 0), knobs["greedy"], knobs["top_k"], temperature, top_p)
+        done = jnp.zeros(tok.shape, jnp.bool_)
+        stops = jnp.asarray(self.stop_ids, jnp.int32)
+        for i in range(self.max_new_tokens):
+            if i:
+                tok, cache = self._step(params, cache, rest, tok, done, rng, jnp.int32(i), temperature, top_p, **knobs)
+            yield jax.device_get(tok)
+            done = done | (jnp.isin(tok, stops) if self.stop_ids else False)
+            if bool(jnp.all(done)):
+                return
+
     # -- compiled pieces
+
+    def _next_logits(self, variables, state, tok, cache, i, reuse):
+        """Feeds generated token i-1 (cache index P+i-1); returns (logits [B, V] for token i, cache)."""
+        P = state["mask"].shape[1] - (self.max_new_tokens - 1)
+        out = self.model.apply(variables, tok[:, None], attention_mask=state["mask"],
+                               position_ids=(state["next_position"] + i - 1)[:, None], cache=cache,
+                               cache_index=P + i - 1, use_visual_cache=reuse, method=LaVi.forward)
+        return out.logits[:, -1], out.cache
+
+    def _step_fn(self, params, cache, state, tok, done, rng, i, temperature, top_p, *, greedy, top_k):
+        """One decode step of ``stream``: token i of every row (``pad_id`` where ``done``) and the cache."""
+        reuse = bool(state["visual_cache"])
+        variables = {"params": params, "visual_cache": state["visual_cache"]} if reuse else {"params": params}
+        logits, cache = self._next_logits(variables, state, tok, cache, i, reuse)
+        cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), cache)
+        new = sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p)
+        return jnp.where(done, self.pad_id, new), cache
 
     def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, item_mask):
         self.num_traces["prefill"] += 1
@@ -200,20 +239,16 @@ class Generator:
 
     def _decode_fn(self, params, cache, state, rng, temperature, top_p, *, greedy, top_k):
         self.num_traces["decode"] += 1
-        model = self.model
         n, stops, pad = self.max_new_tokens, jnp.asarray(self.stop_ids, jnp.int32), self.pad_id
-        B, S = state["mask"].shape
-        P = S - (n - 1)
+        B = state["mask"].shape[0]
         reuse = bool(state["visual_cache"])  # modulation with images: conditioners read their cached visual K/V
         variables = {"params": params, "visual_cache": state["visual_cache"]} if reuse else {"params": params}
 
         def is_stop(tok):
             return jnp.isin(tok, stops) if self.stop_ids else jnp.zeros(tok.shape, jnp.bool_)
 
-        def step(tok, cache, i):  # feeds generated token i-1 (cache index P+i-1), returns logits for token i
-            out = model.apply(variables, tok[:, None], attention_mask=state["mask"], position_ids=(state["next_position"] + i - 1)[:, None],
-                              cache=cache, cache_index=P + i - 1, use_visual_cache=reuse, method=LaVi.forward)
-            return out.logits, out.cache
+        def step(tok, cache, i):
+            return self._next_logits(variables, state, tok, cache, i, reuse)
 
         def choose(logits, i):
             return sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p)
@@ -231,7 +266,7 @@ class Generator:
             i, tok, cache, done, out, lengths = carry
             logits, cache = step(tok, cache, i)
             cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), cache)
-            new = jnp.where(done, pad, choose(logits[:, -1], i))
+            new = jnp.where(done, pad, choose(logits, i))
             stop = is_stop(new) & ~done
             lengths = jnp.where(done | stop, lengths, i + 1)
             out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)

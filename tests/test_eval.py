@@ -286,3 +286,144 @@ def test_checkpoint_config_missing_falls_back_unreadable_raises(setup, tmp_path)
         f.write("{not json")
     with pytest.raises(lavi_eval.CheckpointConfigError, match=r"broken/0/config/metadata"):
         lavi_eval.evaluate_checkpoint(setup["config"], broken, None)
+
+
+# ----------------------------------------------------------------------------- conventions, harness files, resume, meshes
+
+
+def make_runner_on(setup, mesh_shape, batch_size):
+    config, task_list = tasks(setup)
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+    tokenizer, processor = make_components(config)
+    params = checkpoint.restore_params(setup["ckpt"], config.model, mesh)
+    runner = lavi_eval.Runner(lavi_jax.LaVi(config.model), mesh, tokenizer, processor, batch_size=batch_size,
+                              num_threads=2, progress=False)
+    return runner, params, task_list
+
+
+def test_results_name_the_convention(setup, runs):
+    for result in runs[1][2]:
+        assert result["convention"] == scorers.get(result["evaluator"], **tasks(setup)[1][0].options if
+                                                   result["evaluator"] == "llava_json" else {}).convention
+        with open(setup["root"] / "out1" / f"{result['task']}.json") as f:
+            assert json.load(f)["convention"] == result["convention"]
+        assert isinstance(result["convention"], str) and result["convention"]
+
+
+def test_lmms_eval_files(setup, runs):
+    """<date>_results.json and <date>_samples_<task>.jsonl carry lmms-eval's keys; its own table reader reads them."""
+    from lmms_eval.utils import get_results_filenames
+
+    out = setup["root"] / "out1"
+    names = get_results_filenames(sorted(str(p) for p in out.iterdir()))
+    (path,) = [p for p in names if p.endswith("_results.json")]
+    doc = json.load(open(path))
+    assert {"results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config",
+            "date", "task_hashes", "model_name", "model_name_sanitized"} <= set(doc)
+    llava, pope = runs[1][2]
+    assert set(doc["results"]) == {"llava_json", "pope"}
+    assert doc["results"]["pope"]["pope_accuracy,none"] == pytest.approx(pope["metrics"]["accuracy"])
+    assert doc["results"]["pope"]["pope_f1_score,none"] == pytest.approx(pope["metrics"]["f1"])
+    assert doc["results"]["llava_json"]["exact_match,none"] == pytest.approx(llava["metrics"]["exact_match"])
+    assert doc["results"]["pope"]["alias"] == "pope" and doc["results"]["pope"]["pope_accuracy_stderr,none"] == "N/A"
+    assert doc["n-samples"]["pope"] == {"original": 10, "effective": 10}
+    assert doc["configs"]["pope"]["metadata"]["convention"] == pope["convention"]
+    date = os.path.basename(path)[: -len("_results.json")]
+    for result, name in ((llava, "llava_json"), (pope, "pope")):
+        lines = [json.loads(x) for x in open(out / f"{date}_samples_{name}.jsonl")]
+        assert len(lines) == result["num_samples"] and [x["doc_id"] for x in lines] == list(range(len(lines)))
+        for line, row in zip(lines, result["per_sample"]):
+            assert {"doc_id", "doc_hash", "target", "input", "filtered_resps"} <= set(line)
+            assert line["filtered_resps"] == (row["prediction"] or "") and line["lavi_jax"]["id"] == row["id"]
+        metric = "pope_accuracy" if name == "pope" else "exact_match"
+        assert np.mean([x[metric] for x in lines]) == pytest.approx(result["metrics"]["accuracy" if name == "pope"
+                                                                                     else "exact_match"])
+
+
+def test_lmms_eval_table_reads_the_results_file(setup, runs):
+    """lmms-eval's own table printer reads the file."""
+    from lmms_eval.utils import make_table
+
+    (path,) = (setup["root"] / "out1").glob("*_results.json")
+    table = make_table(json.load(open(path)))
+    assert "pope_f1_score" in table and "llava_json" in table and "exact_match" in table
+
+
+class Preempted(Exception):
+    pass
+
+
+def counting_generate(monkeypatch, stop_after=None):
+    """Patches Runner._generate to count generated rows per call, raising ``Preempted`` after ``stop_after`` calls."""
+    calls = []
+    original = lavi_eval.Runner._generate
+
+    def generate(self, params, gen, prompts, *args):
+        if stop_after is not None and len(calls) == stop_after:
+            raise Preempted
+        calls.append(len(prompts))
+        return original(self, params, gen, prompts, *args)
+
+    monkeypatch.setattr(lavi_eval.Runner, "_generate", generate)
+    return calls
+
+
+def test_interrupted_run_resumes_to_the_same_results(setup, runs, tmp_path, monkeypatch, capsys):
+    """Preempted after 2 batches of 2, a rerun generates only the rest and equals the uninterrupted run."""
+    runner, params, task_list = make_runner_on(setup, {"data": 1}, 2)
+    ident = {"path": setup["ckpt"], "step": 0}
+    out = str(tmp_path)
+    calls = counting_generate(monkeypatch, stop_after=2)
+    with pytest.raises(Preempted):
+        lavi_eval.run_tasks(runner, params, task_list, out, checkpoint=ident)
+    log = tmp_path / "llava_json.predictions.jsonl"
+    logged = [json.loads(x) for x in open(log)][1:]
+    assert calls == [2, 2] and len(logged) == 4
+    with open(log, "a") as f:
+        f.write('{"id": "cut sh')  # a write cut short by the preemption
+    monkeypatch.undo()
+    calls = counting_generate(monkeypatch)
+    resumed = lavi_eval.run_tasks(runner, params, task_list, out, checkpoint=ident)
+    assert "resuming, 4 samples done" in capsys.readouterr().out
+    assert resumed[0]["settings"]["resumed"] == 4 and resumed[1]["settings"]["resumed"] == 0
+    assert sum(calls) == 11 - 4 + 10  # llava_json: the 7 not done; pope: all 10 (image failures are found in batches)
+    assert [strip(r) for r in resumed] == [strip(r) for r in runs[1][2]]
+    done = [json.loads(x) for x in open(log)][1:]
+    assert len(done) == 11 and done[:4] == logged
+    print(f"resume: {len(logged)} of 11 llava_json samples done before the interruption, "
+          f"{11 - len(logged)} generated after it; per-sample predictions and metrics equal", file=sys.stderr)
+
+
+def test_resume_of_another_run_starts_over(setup, tmp_path, monkeypatch, capsys):
+    runner, params, task_list = make_runner_on(setup, {"data": 1}, 4)
+    task = task_list[0]
+    task.limit = 4
+    out, ident = str(tmp_path), {"path": setup["ckpt"], "step": 0}
+    first = runner.run(params, task, out, checkpoint=ident)
+    again = runner.run(params, task, out, checkpoint=ident)
+    assert again["settings"]["resumed"] == 4 and strip(again) == strip(first)
+    calls = counting_generate(monkeypatch)
+    other = runner.run(params, task, out, checkpoint={"path": setup["ckpt"], "step": 1})
+    assert "written for another checkpoint; starting over" in capsys.readouterr().out
+    assert other["settings"]["resumed"] == 0 and sum(calls) == 4
+    log = tmp_path / "llava_json.predictions.jsonl"
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+    log.write_text("\n".join([json.dumps({**header, "config": "another"})] + lines[1:]) + "\n")
+    assert runner.run(params, task, out, checkpoint={"path": setup["ckpt"], "step": 1})["settings"]["resumed"] == 0
+    assert "written for another config; starting over" in capsys.readouterr().out
+    task.limit = 3
+    assert runner.run(params, task, out, checkpoint={"path": setup["ckpt"], "step": 1})["settings"]["resumed"] == 0
+    assert "written for another task; starting over" in capsys.readouterr().out
+    assert runner.run(params, task, out)["settings"]["resumed"] == 0  # no checkpoint identity: never resumes
+    assert "names no checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mesh_shape,batch_size,global_batch", [
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 3, 4), ({"data": 2, "fsdp": 2, "tensor": 2}, 5, 8), ({"data": 8}, 3, 8)])
+def test_padded_last_batch_on_any_mesh(setup, runs, mesh_shape, batch_size, global_batch):
+    """A global batch that is not a multiple of the batch shards, and a padded last batch, give the 1-device run."""
+    runner, params, task_list = make_runner_on(setup, mesh_shape, batch_size)
+    results = lavi_eval.run_tasks(runner, params, task_list, print_summary=False)
+    assert [r["settings"]["global_batch"] for r in results] == [global_batch, global_batch]
+    assert [strip(r) for r in results] == [strip(r) for r in runs[1][2]]

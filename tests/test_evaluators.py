@@ -78,8 +78,8 @@ def test_vqa_soft_accuracy_normalises_both_sides():
     # "Two" and "2." normalise to "2"; 3 of 10 humans said it -> 0.9 (see above).
     answers = ["2", "two", "2."] + ["3"] * 7
     assert vqa_soft_accuracy("Two", answers) == pytest.approx(0.9)
-    # A single reference answer reduces to normalised exact match.
-    assert vqa_soft_accuracy("The Cat.", ["cat"]) == 1.0
+    # With a single human answer, the leave-one-out subset is empty: 0, as lmms-eval scores it.
+    assert vqa_soft_accuracy("The Cat.", ["cat"]) == 0.0
 
 
 # ============================================================================ VQAv2 / TextVQA / GQA
@@ -204,7 +204,8 @@ def test_gqa_exact_and_normalized(tmp_path):
     gqa = scorers.get("gqa")
     samples = gqa.load(questions, annotations)
     assert samples[0]["answers"] == ["yes"]
-    # exact (strip, drop trailing ".", lower): "yes" == "yes" (1); "the cat" != "cat" (0);
+    # lmms-eval exact_match (strip, lower, ASCII punctuation deleted): "yes" == "yes" (1);
+    # "the cat" != "cat" (0);
     # "black" != "white" (0) -> 1/3
     assert gqa.score(samples, preds)["metrics"]["accuracy"] == pytest.approx(1 / 3)
     # normalized: the article goes too, so "cat" matches (1) -> 2/3
@@ -504,7 +505,8 @@ def test_pope_metrics(tmp_path):
     assert m["accuracy"] == pytest.approx(0.7)       # (3 + 4) / 10
     assert m["precision"] == pytest.approx(0.6)      # 3 / (3 + 2)
     assert m["recall"] == pytest.approx(0.75)        # 3 / (3 + 1)
-    assert m["f1"] == pytest.approx(2 / 3)           # 2*0.6*0.75 / (0.6+0.75) = 0.9/1.35
+    assert m["f1_pooled"] == pytest.approx(2 / 3)    # 2*0.6*0.75 / (0.6+0.75) = 0.9/1.35
+    assert m["f1"] == pytest.approx(0.65)            # mean of the splits' F1: (0.8 + 0.5) / 2
     assert m["yes_ratio"] == pytest.approx(0.5)      # (3 + 2) / 10 predicted yes
     assert m["num_failed"] == 1
     # random: TP=2, FN=0, TN=2, FP=1 -> P = 2/3, R = 1, F1 = 2*(2/3)/(5/3) = 0.8, acc = 4/5
@@ -622,7 +624,7 @@ def test_mme_llava_jsonl(tmp_path):
 def test_registry():
     assert {"vqav2", "textvqa", "gqa", "mmbench", "seed_bench", "scienceqa_img", "mvbench",
             "videomme", "pope", "mme"} <= set(scorers.names())
-    assert scorers.get("GQA").metric == "exact"
+    assert scorers.get("GQA").metric == "exact_match"
     assert scorers.get("textvqa", metric="normalized").metric == "normalized"
     with pytest.raises(KeyError, match="unknown evaluator"):
         scorers.get("nope")

@@ -18,7 +18,7 @@ FLOORS = (
     ("lavi_jax.checkpoint", "lavi_jax.generate", "lavi_jax.hf"),
     ("lavi_jax.eval",),
     ("lavi_jax.train",),
-    ("lavi_jax.demo",),
+    ("lavi_jax.demo", "lavi_jax.predict"),
 )
 TOP = ("conversions", "benchmarks", "tests", "train", "eval", "demo")  # scripts and tools above the library
 

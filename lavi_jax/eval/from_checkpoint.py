@@ -62,13 +62,16 @@ def merge_saved_config(config, saved) -> None:
                     config.data[key] = data[key]
 
 
-def evaluate_checkpoint(config, path: str, out_dir: str | None, *, step: int | None = None) -> list[dict]:
-    """Evaluates the checkpoint at ``path`` (a workdir, checkpoint dir or step dir; ``step``: default the latest)
-    on ``config``'s tasks (default: ``llava_json`` when ``config.data.eval_json`` is set); writes
-    ``<out_dir>/<task>.json`` and prints the summary table. Returns the results."""
+def checkpoint_config(config, path: str, step: int | None = None):
+    """``(config, directory, step)``: ``config`` (None: the checkpoint's own) with the model, tokenizer and
+    processor of the checkpoint at ``path`` (a workdir, checkpoint dir or step dir; ``step``: default the latest)."""
     directory, step = _step(path, step)
-    config = config.copy_and_resolve_references()
     saved = saved_config(directory, step)
+    if config is None:
+        if saved is None:
+            raise CheckpointConfigError(f"{directory} step {step} has no saved config: pass a run config")
+        config = saved
+    config = config.copy_and_resolve_references()
     if saved is None and jax.process_index() == 0:
         print(f"{directory} step {step} has no saved config: the run config describes the model", flush=True)
     merge_saved_config(config, saved)
@@ -77,14 +80,30 @@ def evaluate_checkpoint(config, path: str, out_dir: str | None, *, step: int | N
         if not os.path.isdir(str(config.data.processor)):
             config.data.processor = config.model.vision.type
         config.data.image_size = config.model.vision.image_size
+    return config, directory, step
+
+
+def load_checkpoint(config, directory: str, step: int, mesh):
+    """``(model, params, tokenizer, processor)`` of a config from :func:`checkpoint_config`, params on ``mesh``."""
+    tokenizer, processor = make_components(config)
+    model = LaVi(config.model)
+    params = checkpoint.restore_params(directory, config.model, mesh, step)
+    return model, params, tokenizer, processor
+
+
+def evaluate_checkpoint(config, path: str, out_dir: str | None, *, step: int | None = None) -> list[dict]:
+    """Evaluates the checkpoint at ``path`` (a workdir, checkpoint dir or step dir; ``step``: default the latest)
+    on ``config``'s tasks (default: ``llava_json`` when ``config.data.eval_json`` is set); writes
+    ``<out_dir>/<task>.json`` and the lmms-eval files, prints the summary table, and resumes from the
+    predictions logs of an interrupted run of the same checkpoint and tasks. Returns the results."""
+    config, directory, step = checkpoint_config(config, path, step)
+    with config.unlocked():
         if not config.evals.get("tasks"):
             if not config.data.get("eval_json"):
                 raise ValueError("no eval tasks: set --config.evals.tasks (e.g. llava_json, pope, vqav2)")
             config.evals.tasks = "llava_json"
     tasks = tasks_from_config(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    tokenizer, processor = make_components(config)
-    model = LaVi(config.model)
-    params = checkpoint.restore_params(directory, config.model, mesh, step)
+    model, params, tokenizer, processor = load_checkpoint(config, directory, step, mesh)
     runner = make_runner(config, model, mesh, tokenizer, processor)
-    return run_tasks(runner, params, tasks, out_dir)
+    return run_tasks(runner, params, tasks, out_dir, checkpoint={"path": directory, "step": step})

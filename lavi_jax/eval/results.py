@@ -1,8 +1,10 @@
 """Task results: the ``<out>/<task>.json`` files, the summary table and flat scalars for metric writers.
 
 A result is the dict :meth:`lavi_jax.eval.Runner.run` returns: ``task``,
-``evaluator``, ``metrics``, ``num_samples``, ``num_failed``, ``failures``,
-``settings``, ``seconds`` and ``per_sample``.
+``evaluator``, ``convention`` (the scoring reference the evaluator follows),
+``metrics``, ``num_samples``, ``num_failed``, ``failures``, ``settings``,
+``seconds`` and ``per_sample``. The same results in lmms-eval's format are in
+:mod:`lavi_jax.eval.harness`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,15 @@ left-padded to a length bucket) and the ``Generator`` (greedy, compiled once per
 bucket) decodes them. Outputs and failure reasons are gathered on every
 process; process 0 writes ``<out>/<task>.json`` and draws the progress bar.
 
+With an output folder, process 0 also logs every batch's predictions to
+``<out>/<task>.predictions.jsonl`` as it goes, and a rerun of the same task,
+checkpoint and config skips the samples logged there (``resume``), so a
+preempted run resumes and scores as an uninterrupted one.
+
+Any global batch works on any mesh: it is rounded up to a multiple of the
+mesh's batch shards (``data`` x ``fsdp``), and rows past the last sample of a
+batch repeat a real prompt without images; their outputs are dropped.
+
 A sample whose image or video is missing, unreadable, too large or outside the
 image root, or whose prompt cannot be built, is not generated for: it is passed
 to the scorer as a failure (scored wrong) and listed with its reason.
@@ -36,6 +45,7 @@ from lavi_jax import sharding
 from lavi_jax.data.batch import BatchSpec, bucket_length
 from lavi_jax.data.media import VIDEO, MediaLoader, media_items
 import lavi_jax.eval.scorers as scorers
+from lavi_jax.eval.resume import PredictionLog, config_hash, log_path, run_header
 from lavi_jax.eval.results import write_result
 from lavi_jax.eval.tasks import Task
 from lavi_jax.generate import DEFAULT_BUCKETS, Generator
@@ -110,22 +120,50 @@ class Runner:
         indices = sharding.batch_sharding(self.mesh, 1).addressable_devices_indices_map((batch,))
         return sorted({r for idx in indices.values() for r in range(*idx[0].indices(batch))})
 
-    def run(self, params, task: Task, out_dir: str | None = None) -> dict:
-        """Generates, scores and (process 0, when ``out_dir``) writes ``<out_dir>/<label>.json``."""
+    def config_hash(self) -> str:
+        """Hash of what shapes answers besides the params: model config, frames, pixel limit, image size."""
+        return config_hash(self.model.config, self.num_frames, self.max_image_pixels,
+                           getattr(self.processor, "output_size", None))
+
+    def run(self, params, task: Task, out_dir: str | None = None, *, checkpoint: dict | None = None) -> dict:
+        """Generates, scores and (process 0, when ``out_dir``) writes ``<out_dir>/<label>.json``.
+
+        With ``out_dir``, predictions are logged as they are made and a rerun resumes from the log when
+        ``checkpoint`` (``{"path", "step"}``, naming ``params``) and the task and config match.
+        """
         t0 = time.time()
         ev = scorers.get(task.name, **task.options)
         samples = ev.load(task.questions, task.annotations, image_root=task.image_root, limit=task.limit)
         failures: dict[str, str] = {}
-        plan = self._plan(samples, task, failures)
-        predictions = self._answer(params, task, samples, plan, failures)
+        log = PredictionLog(log_path(out_dir, task.label), run_header(task, checkpoint, self.config_hash())) \
+            if out_dir else None
+        done = log.open() if log else {}
+        predictions: dict[str, str] = {}
+        try:
+            plan = self._plan(samples, task, failures, skip=set(done))
+            resumed = 0
+            for s in samples:
+                record = done.get(s["id"])
+                if record is not None and s["id"] not in failures:
+                    resumed += 1
+                    if record.get("error"):
+                        failures[s["id"]] = record["error"]
+                    else:
+                        predictions[s["id"]] = record["prediction"]
+            predictions.update(self._answer(params, task, samples, plan, failures, log))
+        finally:
+            if log:
+                log.close()
         scored = ev.score(samples, predictions, failures)
-        result = {"task": task.label, "evaluator": task.name, "metrics": scored["metrics"],
+        result = {"task": task.label, "evaluator": task.name, "convention": getattr(ev, "convention", None),
+                  "metrics": scored["metrics"],
                   "num_samples": len(samples), "num_failed": len(failures),
                   "failures": [{"id": s["id"], "reason": failures[s["id"]]} for s in samples if s["id"] in failures],
                   "settings": {"questions": _jsonable(task.questions), "annotations": _jsonable(task.annotations),
                                "image_root": task.image_root, "max_new_tokens": task.max_new_tokens,
                                "limit": task.limit, "options": task.options, "global_batch": plan.batch_size,
-                               "devices": int(self.mesh.size), "processes": jax.process_count()},
+                               "devices": int(self.mesh.size), "processes": jax.process_count(),
+                               "checkpoint": checkpoint, "resumed": resumed},
                   "seconds": round(time.time() - t0, 3)}
         prompt_of = {s["id"]: s.get("prompt") for s in samples}
         result["per_sample"] = [{**row, "prompt": prompt_of.get(row.get("id"))} for row in scored["per_sample"]]
@@ -133,8 +171,9 @@ class Runner:
             write_result(result, out_dir)
         return result
 
-    def _plan(self, samples: list[dict], task: Task, failures: dict[str, str]) -> _Plan:
-        """Tokenises every prompt (failures go to ``failures``) and cuts the rest into global batches."""
+    def _plan(self, samples: list[dict], task: Task, failures: dict[str, str], skip=frozenset()) -> _Plan:
+        """Tokenises every prompt (failures go to ``failures``) and cuts the rest, less the ids in ``skip``,
+        into global batches."""
         prompts: dict[int, np.ndarray] = {}
         items: dict[int, list] = {}
         limit = self.model.config.llm.max_position_embeddings - task.max_new_tokens
@@ -152,7 +191,7 @@ class Runner:
                 failures[s["id"]] = error
             else:
                 prompts[i] = np.asarray(ids, np.int32)
-        order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
+        order = sorted((i for i in prompts if samples[i]["id"] not in skip), key=lambda i: (len(prompts[i]), i))
         B = min(self.batch_size, max(-(-len(order) // self.shards), 1) * self.shards)
         frames = self.num_frames if any(k == VIDEO for i in order for k, _ in items[i]) else 1
         return _Plan(prompts=prompts, batches=[order[k:k + B] for k in range(0, len(order), B)], batch_size=B,
@@ -160,8 +199,10 @@ class Runner:
                      loader=MediaLoader(self.processor, frames, task.image_root, self.max_image_pixels, joined=True),
                      num_items=max((len(items[i]) for i in order), default=0) or 1)
 
-    def _answer(self, params, task: Task, samples: list[dict], plan: _Plan, failures: dict[str, str]) -> dict[str, str]:
-        """Generates for every planned sample; media failures go to ``failures``. Returns id -> answer."""
+    def _answer(self, params, task: Task, samples: list[dict], plan: _Plan, failures: dict[str, str],
+                log: PredictionLog | None = None) -> dict[str, str]:
+        """Generates for every planned sample; media failures go to ``failures``; each batch's outcomes go to
+        ``log``. Returns id -> answer."""
         gen, local, batches = self.generator(task.max_new_tokens), self.local_rows(plan.batch_size), plan.batches
         predictions: dict[str, str] = {}
         bar = None
@@ -183,12 +224,17 @@ class Runner:
                 pending = submit(b + 1)
                 tokens, lengths, reasons = self._generate(params, gen, [plan.prompts[i] for i in batch], loaded,
                                                           local, plan)
+                records = []
                 for r, i in enumerate(batch):
+                    sid = samples[i]["id"]
                     reason = bytes(reasons[r]).rstrip(b"\0").decode("utf-8", "replace")
                     if reason:
-                        failures[samples[i]["id"]] = reason
+                        failures[sid] = reason
                     else:
-                        predictions[samples[i]["id"]] = self.tokenizer.decode(tokens[r, :lengths[r]]).strip()
+                        predictions[sid] = self.tokenizer.decode(tokens[r, :lengths[r]]).strip()
+                    records.append({"id": sid, "prediction": predictions.get(sid), "error": reason or None})
+                if log is not None:
+                    log.append(records)
                 if bar is not None:
                     bar.update(len(batch))
         if bar is not None:

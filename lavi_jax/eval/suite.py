@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 import jax
 
+from lavi_jax.eval.harness import write_lmms_eval
 from lavi_jax.eval.results import flat_scalars, summary_table
 from lavi_jax.eval.runner import Runner
 from lavi_jax.eval.tasks import Task, tasks_from_config
@@ -21,9 +23,17 @@ def make_runner(config, model, mesh, tokenizer, processor) -> Runner:
 
 
 def run_tasks(runner: Runner, params, tasks: list[Task], out_dir: str | None = None, *,
-              print_summary: bool = True) -> list[dict]:
-    """Runs ``tasks`` in order (results files in ``out_dir``); process 0 prints the summary table."""
-    results = [runner.run(params, task, out_dir) for task in tasks]
+              print_summary: bool = True, checkpoint: dict | None = None) -> list[dict]:
+    """Runs ``tasks`` in order; process 0 prints the summary table.
+
+    With ``out_dir``: ``<task>.json`` per task, the lmms-eval files (``harness``), and predictions logs a
+    rerun resumes from when ``checkpoint`` (``{"path", "step"}`` of ``params``) is given (``resume``).
+    """
+    start = time.time()
+    results = [runner.run(params, task, out_dir, checkpoint=checkpoint) for task in tasks]
+    if out_dir and jax.process_index() == 0:
+        name = str(checkpoint["path"]) if checkpoint else "lavi_jax"
+        write_lmms_eval(results, out_dir, model_name=name, start_time=start)
     if print_summary and jax.process_index() == 0:
         print(summary_table(results) + (f"\nper-sample results in {out_dir}" if out_dir else ""), flush=True)
     return results
@@ -39,6 +49,7 @@ def training_evals(config, model, mesh, tokenizer, processor,
 
     def evaluate(params, step: int) -> dict[str, float]:
         out = os.path.join(workdir, "results", f"step_{step}")
+        # No checkpoint identity: params in training are not a saved step, so a rerun never resumes them.
         return flat_scalars(run_tasks(runner, params, tasks, out, print_summary=False))
 
     return evaluate

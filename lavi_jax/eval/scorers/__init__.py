@@ -16,21 +16,23 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lavi_jax.eval.scorers import common, llava_json, multiple_choice, vqa, yes_no
+from lavi_jax.eval.scorers import common, llava_json, mme, multiple_choice, pope, vqa, yes_no
 from lavi_jax.eval.scorers.common import (OPTION_LETTER_PROMPT, OPTION_LETTER_PROMPT_CN,
                                         SHORT_ANSWER_PROMPT, Evaluator)
 from lavi_jax.eval.scorers.llava_json import LlavaJsonEvaluator
 from lavi_jax.eval.scorers.multiple_choice import MultipleChoiceEvaluator, extract_choice
 from lavi_jax.eval.scorers.vqa import VQAEvaluator, normalize_answer, vqa_soft_accuracy
-from lavi_jax.eval.scorers.yes_no import MMEEvaluator, POPEEvaluator, extract_yes_no
+from lavi_jax.eval.scorers.mme import MMEEvaluator
+from lavi_jax.eval.scorers.pope import POPEEvaluator
+from lavi_jax.eval.scorers.yes_no import extract_yes_no
 
 _MC = MultipleChoiceEvaluator
 
 _REGISTRY: dict[str, Callable[..., Evaluator]] = {
     "vqa": lambda **kw: VQAEvaluator(**{"name": "vqa", **kw}),
     "vqav2": lambda **kw: VQAEvaluator(**{"name": "vqav2", "metric": "vqa_soft", **kw}),
-    "textvqa": lambda **kw: VQAEvaluator(**{"name": "textvqa", "metric": "vqa_soft", **kw}),
-    "gqa": lambda **kw: VQAEvaluator(**{"name": "gqa", "metric": "exact", **kw}),
+    "textvqa": lambda **kw: VQAEvaluator(**{"name": "textvqa", "metric": "evalai_soft", **kw}),
+    "gqa": lambda **kw: VQAEvaluator(**{"name": "gqa", "metric": "exact_match", **kw}),
     "multiple_choice": lambda **kw: _MC(**{"name": "multiple_choice", **kw}),
     "mmbench": lambda **kw: _MC(**{"name": "mmbench", "format": "mmbench", "circular": True,
                                    "breakdown_keys": ("category", "l2_category"), **kw}),

@@ -30,6 +30,9 @@ class Evaluator:
     """Interface of every evaluator returned by `lavi_jax.eval.scorers.get`."""
 
     name: str = "evaluator"
+    # The scoring reference this evaluator follows, written into every results file, e.g.
+    # "lmms-eval 0.7.3 vqav2", "LLaVA eval_pope.py", or "lenient" for the permissive extractors.
+    convention: str = "lavi_jax"
 
     def load(self, questions, annotations=None, *, image_root=None, limit=None) -> list[dict]:
         raise NotImplementedError

@@ -1,13 +1,35 @@
-"""Open-ended VQA: VQAv2 / TextVQA soft accuracy, GQA exact match.
+"""Open-ended VQA scored as lmms-eval 0.7.3 scores VQAv2, TextVQA and GQA.
 
-Metrics (`metric=`):
-  "vqa_soft"    VQAv2 accuracy: both the prediction and the human answers go through the standard
-                VQA answer normalisation, then acc = mean over the leave-one-out subsets of the n
-                human answers of min(#matches in the subset / 3, 1). With 10 answers and k of them
-                matching: k=0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1. A single answer reduces
-                to normalised exact match.
-  "exact"       prediction.strip().rstrip('.').lower() equals a target answer (GQA's convention).
-  "normalized"  VQA-normalised prediction equals a VQA-normalised target answer.
+Metrics (`metric=`), each named in results files by its `convention`:
+  "vqa_soft"     VQAv2, lmms-eval `tasks/vqav2/utils.py` `vqav2_process_results` (default of
+                 "vqav2" and "vqa"). Prediction and human answers both go through
+                 `vqa_normalize.normalize_answer` (punctuation, then number words / articles /
+                 contractions); acc = mean over the n leave-one-out subsets of the human answers of
+                 min(1, matches / 3). With 10 answers and k matching: 0, 0.3, 0.6, 0.9, then 1.
+  "evalai_soft"  TextVQA, lmms-eval `tasks/textvqa/utils.py` `textvqa_process_results` (default of
+                 "textvqa"): the same accuracy with the full EvalAI processor
+                 (`vqa_normalize.evalai_answer`, which first deletes "," and "?").
+  "exact_match"  GQA, lmms-eval `tasks/gqa/gqa.yaml` (default of "gqa"): the prediction stripped,
+                 then both sides lower-cased with every ASCII punctuation mark deleted
+                 (`exact_match` with ignore_case and ignore_punctuation), and compared.
+  "llava_gqa"    GQA as LLaVA scores it: `scripts/convert_gqa_for_eval.py` (trailing periods
+                 stripped, lower case) and exact match against the answer, as GQA's `eval.py`.
+  "exact", "normalized"  lenient, never a default: strip + trailing "." + lower, or the VQAv2
+                 normalisation, equal to any target.
+
+Departures followed from lmms-eval, not the official scripts:
+  - VQAv2: the official `vqaEval.py` processes the human answers only when they disagree (and, in
+    GT-Vision-Lab's version, with the punctuation step only); lmms-eval always applies both steps
+    to both sides. lmms-eval drops from each leave-one-out subset every answer record equal to the
+    left-out one; the VQAv2 records carry distinct `answer_id`s, so that is exactly one, as here.
+    Means use `statistics.mean` as lmms-eval does (the official script uses sum / len).
+    A question with a single human answer therefore scores 0, as in the reference.
+  - TextVQA: same processor and accuracy as the official MMF/EvalAI evaluator, which scores each
+    distinct answer; identical up to float rounding of the mean.
+  - GQA: LLaVA strips only trailing periods, keeps other punctuation and leading/trailing spaces;
+    lmms-eval deletes all ASCII punctuation on both sides and strips the prediction, so e.g.
+    "yes!" or "t-shirt" vs "tshirt" match in lmms-eval and not in LLaVA.
+  - All: lmms-eval strips the model output before scoring; so does this scorer.
 
 Files read by `load` (auto-detected):
   questions    LLaVA question JSONL (`question_id`, `image`, `text`, ...), the official VQAv2
@@ -21,105 +43,65 @@ Files read by `load` (auto-detected):
 from __future__ import annotations
 
 import os
-import re
+import statistics
+import string
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lavi_jax.eval.scorers.common as common
+from lavi_jax.eval.scorers.vqa_normalize import evalai_answer, normalize_answer
 
-# ----------------------------------------------------------------------------- normalisation
+CONVENTIONS = {"vqa_soft": "lmms-eval 0.7.3 vqav2", "evalai_soft": "lmms-eval 0.7.3 textvqa",
+               "exact_match": "lmms-eval 0.7.3 gqa", "llava_gqa": "LLaVA convert_gqa_for_eval.py",
+               "exact": "lenient", "normalized": "lenient"}
+_SOFT = {"vqa_soft": normalize_answer, "evalai_soft": evalai_answer}
+_ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-                "@", "`", ",", "?", "!")
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = frozenset({"a", "an", "the"})
-
-# Contractions in their written form; every spelling with some apostrophes dropped maps back to it.
-_CONTRACTIONS = """
-ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
-haven't he'd he'd've he'll he's how'd how'll how's i'd i'd've i'll i'm i've isn't it'd it'd've
-it'll let's ma'am mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't
-shan't she'd she'd've she'll she's should've shouldn't shouldn't've somebody'd somebody'd've
-somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've
-something'll that's there'd there'd've there're there's they'd they'd've they'll they're they've
-'twas wasn't we'd we'd've we'll we're we've weren't what'll what're what's what've when's where'd
-where's where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't
-wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
-""".split()
-# Apostrophe-free spellings that are ordinary words are left alone.
-_REAL_WORDS = frozenset({"hell", "well", "were", "shell", "ill", "its", "id", "wed", "shed", "lets",
-                         "hed"})
+# ----------------------------------------------------------------------------- scoring
 
 
-def _contraction_map() -> dict[str, str]:
-    table = {}
-    for word in _CONTRACTIONS:
-        parts = word.split("'")
-        for mask in range(2 ** (len(parts) - 1)):  # which apostrophes are kept
-            spelled = parts[0]
-            for j, part in enumerate(parts[1:]):
-                spelled += ("'" if mask >> j & 1 else "") + part
-            if spelled != word and spelled not in _REAL_WORDS:
-                table[spelled] = word
-    return table
+def vqa_soft_accuracy(prediction: str, answers: Sequence[str],
+                      process: Callable[[str], str] = normalize_answer) -> float:
+    """Leave-one-out VQA accuracy of `prediction` against the human `answers` (usually 10),
+    both sides passed through `process` (VQAv2 default; `evalai_answer` for TextVQA)."""
+    if not answers:
+        raise ValueError("no ground-truth answers")
+    pred = process(prediction.strip())
+    hits = [process(a) == pred for a in answers]
+    total = sum(hits)
+    return statistics.mean(min(1, float(total - hit) / 3) for hit in hits)
 
 
-CONTRACTIONS = _contraction_map()
+def _numpy_lower_no_punct(text: str) -> str:
+    # lmms-eval does this with numpy string arrays: trailing NULs are lost, and lower-casing keeps
+    # the input's length (a character whose lower case is longer, like "İ", pushes the tail out).
+    text = text.rstrip("\x00")
+    return text.lower()[:len(text)].translate(_ASCII_PUNCTUATION)
 
 
-def _process_punctuation(text: str) -> str:
-    out = text
-    digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
-    for p in _PUNCTUATION:
-        # Punctuation touching a space (or any text with "1,000"-style numbers) is deleted;
-        # punctuation inside a word ("black-and-white") becomes a space.
-        if (p + " " in text or " " + p in text) or digit_comma:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
+def gqa_exact_match(prediction: str, answer: str) -> bool:
+    """lmms-eval's GQA `exact_match` (ignore_case, ignore_punctuation) on a stripped output."""
+    return _numpy_lower_no_punct(prediction.strip()) == _numpy_lower_no_punct(answer)
 
 
-def _process_digits_articles(text: str) -> str:
-    words = []
-    for word in text.lower().split():
-        word = _NUMBER_WORDS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(CONTRACTIONS.get(word, word))
-    return " ".join(words)
+def llava_gqa_match(prediction: str, answer: str) -> bool:
+    """LLaVA's `convert_gqa_for_eval.py` (rstrip "." then lower) and GQA's exact comparison."""
+    return prediction.rstrip(".").lower() == answer
 
 
-def normalize_answer(text: str) -> str:
-    """The standard VQA answer normalisation (lower case, punctuation, number words, articles,
-    contractions): "The Two dogs!" -> "2 dogs", "dont" -> "don't", "1,000" -> "1000"."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digits_articles(_process_punctuation(text))
-
-
-def _exact_form(text: str) -> str:
+def _lenient_exact(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
 
 
-def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one prediction against the human `answers` (usually 10)."""
-    if not answers:
-        raise ValueError("no ground-truth answers")
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in answers]
-    if len(gts) == 1:
-        return float(pred == gts[0])
-    matches = sum(g == pred for g in gts)
-    # Leaving out answer i leaves `matches - [gts[i] == pred]` matching humans among the rest.
-    return sum(min(1.0, (matches - (g == pred)) / 3.0) for g in gts) / len(gts)
-
-
 def match_accuracy(prediction: str, answers: Sequence[str], metric: str) -> float:
-    if metric == "vqa_soft":
-        return vqa_soft_accuracy(prediction, answers)
-    form = {"exact": _exact_form, "normalized": normalize_answer}[metric]
+    """Score of one prediction under `metric` (see the module docstring)."""
+    if metric in _SOFT:
+        return float(vqa_soft_accuracy(prediction, answers, _SOFT[metric]))
+    if metric == "exact_match":
+        return float(any(gqa_exact_match(prediction, a) for a in answers))
+    if metric == "llava_gqa":
+        return float(any(llava_gqa_match(prediction, a) for a in answers))
+    form = {"exact": _lenient_exact, "normalized": normalize_answer}[metric]
     return float(form(prediction) in {form(a) for a in answers})
 
 
@@ -178,14 +160,15 @@ def _fallback_key(image, text) -> tuple[str, str] | None:
 
 
 class VQAEvaluator(common.Evaluator):
-    """Open-ended VQA scored with `metric` ("vqa_soft" | "exact" | "normalized")."""
+    """Open-ended VQA scored with `metric` (one of `CONVENTIONS`; see the module docstring)."""
 
     def __init__(self, name: str = "vqa", metric: str = "vqa_soft",
                  prompt_suffix: str | None = common.SHORT_ANSWER_PROMPT,
                  breakdown_keys: Sequence[str] = ("answer_type", "category")):
-        if metric not in ("vqa_soft", "exact", "normalized"):
-            raise ValueError(f"unknown VQA metric {metric!r}")
+        if metric not in CONVENTIONS:
+            raise ValueError(f"unknown VQA metric {metric!r}; known: {', '.join(CONVENTIONS)}")
         self.name, self.metric, self.prompt_suffix = name, metric, prompt_suffix
+        self.convention = CONVENTIONS[metric]
         self.breakdown_keys = tuple(breakdown_keys)
 
     def load(self, questions, annotations=None, *, image_root=None, limit=None) -> list[dict]:
@@ -224,7 +207,7 @@ class VQAEvaluator(common.Evaluator):
             value = 0.0 if error else match_accuracy(text, s["answers"], self.metric)
             row: dict[str, Any] = {"id": s["id"], "prediction": text, "target": s["answers"],
                                    "score": value, "error": error}
-            if self.metric != "vqa_soft":
+            if self.metric not in _SOFT:
                 row["correct"] = value == 1.0
             for key in self.breakdown_keys:
                 if key in s.get("metadata", {}):
