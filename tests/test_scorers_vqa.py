@@ -9,6 +9,7 @@ dataset, hence the stub. LLaVA's GQA script is not importable; its cases are wor
 """
 
 import copy
+import json
 import os
 import types
 
@@ -183,7 +184,7 @@ def test_textvqa_matches_lmms_eval(prediction, answers):
 @pytest.mark.parametrize("prediction, answer", GQA_CASES)
 def test_gqa_matches_lmms_eval(prediction, answer):
     expected = _reference(GQA_TASK, {"answer": answer}, prediction)["exact_match"]
-    assert _ours("gqa", [answer], prediction) == expected
+    assert _ours("gqa", [answer], prediction, metric="exact_match") == expected
 
 
 @pytest.mark.parametrize("text", sorted({p for p, _ in VQAV2_CASES + TEXTVQA_CASES}
@@ -213,7 +214,34 @@ def test_tables_are_lmms_evals():
     (" yes", "yes", 0.0),        # no strip; lmms-eval would match
     ("tshirt", "t-shirt", 0.0),  # lmms-eval would match
     ("The cat", "cat", 0.0),
+    ("yes", "yes", 1.0),
+    ("No", "no", 1.0),
+    ("NO.", "no", 1.0),
+    ("no.", "yes", 0.0),
+    ("White.", "white", 1.0),
+    ("white car", "white", 0.0),
+    ("Cat.\n", "cat", 0.0),      # the trailing newline stops rstrip('.')
+    ("left.", "left", 1.0),
+    ("Left side", "left", 0.0),
+    ("t-shirt.", "t-shirt", 1.0),
+    ("T-Shirt", "t-shirt", 1.0),
+    ("2", "2", 1.0),
+    ("two", "2", 0.0),
+    ("", "yes", 0.0),
+    (".", "", 1.0),               # rstrip leaves "", equal to an empty answer
+    ("Ünïcode.", "ünïcode", 1.0),
+    ("İ", "i̇", 1.0),             # str.lower() of U+0130 is "i" + U+0307
+    ("yes, it is.", "yes", 0.0),
+    ("on the table.", "on the table", 1.0),
+    ("ON THE TABLE", "on the table", 1.0),
 ])
+def test_llava_gqa_default(prediction, answer, expected):
+    """GQA's default is LLaVA's scoring: scripts/convert_gqa_for_eval.py (haotian-liu/LLaVA) writes
+    ``res['text'].rstrip('.').lower()`` and GQA's eval.py counts ``prediction == answer``."""
+    assert _ours("gqa", [answer], prediction) == expected
+
+
+@pytest.mark.parametrize("prediction, answer, expected", [("Yes.", "yes", 1.0), ("YES!", "yes", 0.0)])
 def test_llava_gqa_option(prediction, answer, expected):
     assert _ours("gqa", [answer], prediction, metric="llava_gqa") == expected
 
@@ -222,8 +250,31 @@ def test_conventions():
     assert scorers.get("vqav2").convention == "lmms-eval 0.7.3 vqav2"
     assert scorers.get("vqa").convention == "lmms-eval 0.7.3 vqav2"
     assert scorers.get("textvqa").convention == "lmms-eval 0.7.3 textvqa"
-    assert scorers.get("gqa").convention == "lmms-eval 0.7.3 gqa"
-    assert scorers.get("gqa", metric="llava_gqa").convention == "LLaVA convert_gqa_for_eval.py"
+    assert scorers.get("gqa").convention == "LLaVA convert_gqa_for_eval.py"
+    assert scorers.get("gqa", metric="exact_match").convention == "lmms-eval 0.7.3 gqa"
     for metric in ("exact", "normalized"):
         assert scorers.get("textvqa", metric=metric).convention == "lenient"
     assert set(vqa.CONVENTIONS) >= {"vqa_soft", "evalai_soft", "exact_match", "llava_gqa"}
+
+
+def test_bad_questions_are_reported_by_id_and_the_rest_scored(tmp_path):
+    """Missing text, missing answers, a repeated id and an unknown answer type: reported by id, never a crash."""
+    questions = tmp_path / "q.jsonl"
+    rows = [{"question_id": "1", "image": "a.jpg", "text": "What colour?", "answers": ["red"] * 10,
+             "answer_type": "other"},
+            {"question_id": "2", "image": "b.jpg", "text": "", "answers": ["blue"] * 10},
+            {"question_id": "3", "image": "c.jpg", "text": "How many?"},
+            {"question_id": "1", "image": "d.jpg", "text": "Again?", "answers": ["x"] * 10},
+            {"question_id": "4", "image": "e.jpg", "text": "Is it?", "answers": ["yes"] * 10,
+             "answer_type": "binary"}]
+    questions.write_text("\n".join(json.dumps(r) for r in rows))
+    ev = scorers.get("vqav2")
+    samples = ev.load(str(questions))
+    assert [s["id"] for s in samples] == ["1", "4"]
+    m = ev.score(samples, {"1": "Red.", "4": "no"})["metrics"]
+    assert {(x["id"], x["reason"]) for x in m["skipped"]} == {
+        ("2", "no question text"), ("3", "no ground-truth answers"), ("1", "duplicate id (the first is scored)")}
+    assert m["num_skipped"] == 3 and "4" in m["input_notes"] and m["accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="annotations.json"):
+        (tmp_path / "annotations.json").write_text(json.dumps({"annotations": [{"answers": []}]}))
+        ev.load(str(questions), str(tmp_path / "annotations.json"))

@@ -32,7 +32,7 @@ _REGISTRY: dict[str, Callable[..., Evaluator]] = {
     "vqa": lambda **kw: VQAEvaluator(**{"name": "vqa", **kw}),
     "vqav2": lambda **kw: VQAEvaluator(**{"name": "vqav2", "metric": "vqa_soft", **kw}),
     "textvqa": lambda **kw: VQAEvaluator(**{"name": "textvqa", "metric": "evalai_soft", **kw}),
-    "gqa": lambda **kw: VQAEvaluator(**{"name": "gqa", "metric": "exact_match", **kw}),
+    "gqa": lambda **kw: VQAEvaluator(**{"name": "gqa", "metric": "llava_gqa", **kw}),
     "multiple_choice": lambda **kw: _MC(**{"name": "multiple_choice", **kw}),
     "mmbench": lambda **kw: _MC(**{"name": "mmbench", "format": "mmbench", "circular": True,
                                    "breakdown_keys": ("category", "l2_category"), **kw}),

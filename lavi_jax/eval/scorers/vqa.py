@@ -1,4 +1,4 @@
-"""Open-ended VQA scored as lmms-eval 0.7.3 scores VQAv2, TextVQA and GQA.
+"""Open-ended VQA: VQAv2 and TextVQA as lmms-eval 0.7.3 scores them, GQA as LLaVA does.
 
 Metrics (`metric=`), each named in results files by its `convention`:
   "vqa_soft"     VQAv2, lmms-eval `tasks/vqav2/utils.py` `vqav2_process_results` (default of
@@ -9,15 +9,16 @@ Metrics (`metric=`), each named in results files by its `convention`:
   "evalai_soft"  TextVQA, lmms-eval `tasks/textvqa/utils.py` `textvqa_process_results` (default of
                  "textvqa"): the same accuracy with the full EvalAI processor
                  (`vqa_normalize.evalai_answer`, which first deletes "," and "?").
-  "exact_match"  GQA, lmms-eval `tasks/gqa/gqa.yaml` (default of "gqa"): the prediction stripped,
+  "exact_match"  GQA, lmms-eval `tasks/gqa/gqa.yaml` (an option): the prediction stripped,
                  then both sides lower-cased with every ASCII punctuation mark deleted
                  (`exact_match` with ignore_case and ignore_punctuation), and compared.
-  "llava_gqa"    GQA as LLaVA scores it: `scripts/convert_gqa_for_eval.py` (trailing periods
-                 stripped, lower case) and exact match against the answer, as GQA's `eval.py`.
+  "llava_gqa"    GQA as the LLaVA papers score it (default of "gqa"): `scripts/convert_gqa_for_eval.py`
+                 (trailing periods stripped, lower case) and exact match against the answer, as
+                 GQA's `eval.py`.
   "exact", "normalized"  lenient, never a default: strip + trailing "." + lower, or the VQAv2
                  normalisation, equal to any target.
 
-Departures followed from lmms-eval, not the official scripts:
+Departures followed from lmms-eval, not the official scripts (VQAv2, TextVQA):
   - VQAv2: the official `vqaEval.py` processes the human answers only when they disagree (and, in
     GT-Vision-Lab's version, with the punctuation step only); lmms-eval always applies both steps
     to both sides. lmms-eval drops from each leave-one-out subset every answer record equal to the
@@ -26,9 +27,9 @@ Departures followed from lmms-eval, not the official scripts:
     A question with a single human answer therefore scores 0, as in the reference.
   - TextVQA: same processor and accuracy as the official MMF/EvalAI evaluator, which scores each
     distinct answer; identical up to float rounding of the mean.
-  - GQA: LLaVA strips only trailing periods, keeps other punctuation and leading/trailing spaces;
-    lmms-eval deletes all ASCII punctuation on both sides and strips the prediction, so e.g.
-    "yes!" or "t-shirt" vs "tshirt" match in lmms-eval and not in LLaVA.
+  - GQA follows LLaVA, not lmms-eval: LLaVA strips only trailing periods, keeps other punctuation
+    and leading/trailing spaces; lmms-eval deletes all ASCII punctuation on both sides and strips
+    the prediction, so e.g. "yes!" or "t-shirt" vs "tshirt" match in lmms-eval and not in LLaVA.
   - All: lmms-eval strips the model output before scoring; so does this scorer.
 
 Files read by `load` (auto-detected):
@@ -42,6 +43,7 @@ Files read by `load` (auto-detected):
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import string
@@ -54,6 +56,8 @@ from lavi_jax.eval.scorers.vqa_normalize import evalai_answer, normalize_answer
 CONVENTIONS = {"vqa_soft": "lmms-eval 0.7.3 vqav2", "evalai_soft": "lmms-eval 0.7.3 textvqa",
                "exact_match": "lmms-eval 0.7.3 gqa", "llava_gqa": "LLaVA convert_gqa_for_eval.py",
                "exact": "lenient", "normalized": "lenient"}
+ANSWER_TYPES = ("yes/no", "number", "other")  # VQAv2's answer types
+logger = logging.getLogger(__name__)
 _SOFT = {"vqa_soft": normalize_answer, "evalai_soft": evalai_answer}
 _ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -152,6 +156,14 @@ def _records(data) -> list[dict]:
     return out
 
 
+def _read_records(path) -> list[dict]:
+    """`_records` of a file, naming the file when its layout lacks a field every record needs."""
+    try:
+        return _records(common.read_any(path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a VQA questions/annotations file ({type(e).__name__}: {e})") from e
+
+
 def _fallback_key(image, text) -> tuple[str, str] | None:
     if image is None or text is None:
         return None
@@ -170,21 +182,40 @@ class VQAEvaluator(common.Evaluator):
         self.name, self.metric, self.prompt_suffix = name, metric, prompt_suffix
         self.convention = CONVENTIONS[metric]
         self.breakdown_keys = tuple(breakdown_keys)
+        self.skipped: list[dict] = []  # questions `load` left out: {"id", "reason"}
+        self.input_notes: dict[str, str] = {}  # questions scored despite an oddity: id -> note
+
+    def _skip(self, sample_id, reason: str) -> None:
+        self.skipped.append({"id": str(sample_id), "reason": reason})
+        logger.warning("%s: question %s skipped: %s", self.name, sample_id, reason)
 
     def load(self, questions, annotations=None, *, image_root=None, limit=None) -> list[dict]:
-        records = _records(common.read_any(questions))
+        """Samples of `questions` (+ `annotations`). A question without id, text or ground-truth answers, or
+        repeating an earlier id, is left out and listed in `skipped` with the reason; an answer type VQAv2
+        does not define is noted in `input_notes` and scored."""
+        self.skipped, self.input_notes = [], {}
+        records = _read_records(questions)
         by_id, by_key = {}, {}
         if annotations is not None:
-            for a in _records(common.read_any(annotations)):
+            for a in _read_records(annotations):
                 by_id[a["id"]] = a
                 key = _fallback_key(a.get("image"), a.get("text"))
                 if key:
                     by_key[key] = a
-        samples = []
+        samples, seen = [], set()
         for r in common.take(records, limit):
             ann = by_id.get(r["id"]) or by_key.get(_fallback_key(r.get("image"), r.get("text")))
             answers = ann["answers"] if ann and ann.get("answers") else r.get("answers")
             meta = {**r["meta"], **(ann["meta"] if ann else {})}
+            reason = ("no question id" if r["id"] in ("", "None") else "duplicate id (the first is scored)"
+                      if r["id"] in seen else "no question text" if not r.get("text")
+                      else "no ground-truth answers" if not answers else None)
+            if reason:
+                self._skip(r["id"], reason)
+                continue
+            seen.add(r["id"])
+            if meta.get("answer_type") not in (None, *ANSWER_TYPES):
+                self.input_notes[r["id"]] = f"unknown answer_type {meta['answer_type']!r} (scored)"
             meta["question"] = common.first_line(r["text"] or "")
             sample = {"id": r["id"], "image": common.join_root(image_root, r.get("image")),
                       "prompt": common.with_suffix(r["text"] or "", self.prompt_suffix),
@@ -194,15 +225,18 @@ class VQAEvaluator(common.Evaluator):
             if r.get("video"):
                 sample["video"] = common.join_root(image_root, r["video"])
             samples.append(sample)
+        if records and not samples and all(x["reason"] == "no ground-truth answers" for x in self.skipped):
+            raise ValueError(f"{questions}: no ground-truth answers in any question; pass the annotations file")
         return samples
 
     def score(self, samples, predictions, failures=None) -> dict:
         preds = common.normalize_predictions(predictions)
         fails = common.normalize_predictions(failures)
-        rows = []
+        rows, skipped = [], list(self.skipped)
         for s in samples:
             if not s.get("answers"):
-                raise ValueError(f"sample {s['id']} has no ground-truth answers")
+                skipped.append({"id": str(s["id"]), "reason": "no ground-truth answers"})
+                continue
             text, error = common.resolve(preds, fails, s["id"])
             value = 0.0 if error else match_accuracy(text, s["answers"], self.metric)
             row: dict[str, Any] = {"id": s["id"], "prediction": text, "target": s["answers"],
@@ -215,7 +249,10 @@ class VQAEvaluator(common.Evaluator):
             rows.append(row)
         metrics: dict[str, Any] = {"accuracy": common.mean(r["score"] for r in rows),
                                    "num_samples": len(rows),
-                                   "num_failed": sum(r["error"] is not None for r in rows)}
+                                   "num_failed": sum(r["error"] is not None for r in rows),
+                                   "num_skipped": len(skipped), "skipped": skipped}
+        if self.input_notes:
+            metrics["input_notes"] = dict(self.input_notes)
         for key in self.breakdown_keys:
             by = common.breakdown(rows, key, lambda r: r["score"])
             if by:
