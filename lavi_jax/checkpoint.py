@@ -49,12 +49,12 @@ def resolve(path: str) -> str:
 
 
 def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool = True, read_only: bool = False,
-            with_data: bool = False, save_concurrent_gb: int = 96) -> ocp.CheckpointManager:
+            save_concurrent_gb: int = 96) -> ocp.CheckpointManager:
     """``save_concurrent_gb`` bounds the host staging copy of a save (at least the largest array)."""
+    # Every item a lavi_jax checkpoint may hold is registered, so reading some items never warns about the others.
     handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
-                "config": ocp.JsonCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler()}
-    if with_data:
-        handlers["data"] = grain.checkpoint.CheckpointHandler()
+                "config": ocp.JsonCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=not read_only, read_only=read_only,
                                            cleanup_tmp_directories=not read_only)  # partial writes of a killed run

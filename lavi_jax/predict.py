@@ -19,6 +19,7 @@ import sys
 
 import jax
 import numpy as np
+from absl import logging
 
 from lavi_jax import sharding
 from lavi_jax.data.media import VIDEO, MediaLoader, media_items
@@ -89,6 +90,7 @@ class Predictor:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.set_verbosity(logging.ERROR)  # orbax notes every read-only checkpoint open at WARNING
     predictor = Predictor(args.ckpt, step=args.step, max_new_tokens=args.max_new_tokens, tensor=args.tensor)
     sampling = GenerationConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     first = True

@@ -66,7 +66,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
     tokenizer, processor = make_components(config)
     train_iter = make_train_iterator(config.data, tokenizer, processor, batch_size=local_bs, seed=c.seed)
     os.makedirs(workdir, exist_ok=True)
-    ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints, with_data=True)
+    ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
     state = _resume(ckpt, program.abstract, program.shardings, train_iter, workdir)
     if state is None:
         state = create_state(initial_params(config, model, mesh, example_ids), program.tx, program.patterns, program.shardings)
