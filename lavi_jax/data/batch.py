@@ -14,6 +14,14 @@ abstract shapes (dry run) all come from :class:`BatchSpec`. For B rows of T toke
 * ``item_mask`` bool [B, N_items, N_frames]: True on real frames. An image is
   an item of one frame (frame 0); padded items are all False.
 
+Packed rows (``config.data.packing``, see ``packing``) add, per token:
+
+* ``segment_ids`` int32 [B, T]: 1, 2, ... for the row's conversations in order, 0 on padding.
+* ``positions`` int32 [B, T]: position ids restarting at 0 at each segment's first token.
+
+and ``loss_mask`` is 0 at every segment's first token. The k-th ``<image>`` of a
+row is item k of the row, and N_items is the visual budget per row.
+
 A text-only model (``fusion="none"``) takes no ``pixel_values`` / ``item_mask``.
 Evaluation batches add ``valid`` bool [B] and ``index`` int32 [B] on the host.
 """
@@ -26,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 TEXT_FIELDS = {"input_ids": np.int32, "attention_mask": np.int32, "loss_mask": np.float32}
+PACKED_FIELDS = {"segment_ids": np.int32, "positions": np.int32}
 VISUAL_FIELDS = {"pixel_values": np.float32, "item_mask": np.bool_}
 
 
@@ -57,19 +66,27 @@ class BatchSpec:
     num_frames: int = 1
     image_size: tuple[int, int] = (0, 0)
     visual: bool = True  # False for a text-only model: no pixel_values / item_mask
+    packed: bool = False  # True for packed rows: segment_ids / positions
 
     @classmethod
-    def from_config(cls, config, batch_size: int, seq_len: int | None = None) -> "BatchSpec":
-        """The training batch of a run config (``seq_len`` default: the largest bucket)."""
+    def from_config(cls, config, batch_size: int, seq_len: int | None = None,
+                    packed: bool | None = None) -> "BatchSpec":
+        """The training batch of a run config (``seq_len`` default: the largest bucket).
+
+        ``packed`` defaults to ``config.data.packing``; pass False for evaluation batches.
+        """
         d, m = config.data, config.model
+        packed = bool(d.get("packing", False)) if packed is None else packed
         return cls(batch_size=int(batch_size), seq_len=int(seq_len or max(d.seq_buckets)), max_items=int(d.max_images),
                    num_frames=int(d.num_frames), image_size=(int(d.image_size), int(d.image_size)),
-                   visual=m.fusion != "none")
+                   visual=m.fusion != "none", packed=packed)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """``{key: (shape, dtype)}`` of every field the model takes."""
         B, T = self.batch_size, self.seq_len
         out = {k: ((B, T), np.dtype(dt)) for k, dt in TEXT_FIELDS.items()}
+        if self.packed:
+            out.update({k: ((B, T), np.dtype(dt)) for k, dt in PACKED_FIELDS.items()})
         if self.visual:
             h, w = self.image_size
             out["pixel_values"] = ((B, self.max_items, self.num_frames, h, w, 3), np.dtype(np.float32))

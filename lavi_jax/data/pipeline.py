@@ -6,7 +6,9 @@ Training::
             -> seeded shuffle, reshuffled each epoch, repeated forever
             -> decode + tokenise in a thread pool (bad records become markers)
             -> skip and report bad records (budget: max_bad_records per process)
-            -> batch, padded to a sequence bucket (see ``collate``)
+            -> batch, padded to a sequence bucket (see ``collate``), or with
+               ``config.packing``: pack into rows of max(seq_buckets) tokens
+               (see ``packing``), then batch the rows
 
 Evaluation visits each record once in file order, turns bad records into
 padding examples (``valid`` False) and pads the last batch, so every process
@@ -30,6 +32,7 @@ from lavi_jax.data.bad_records import BadRecord, BadRecordTracker
 from lavi_jax.data.collate import Collator
 from lavi_jax.data.image_processor import ImageProcessor, make_image_processor
 from lavi_jax.data.llava import ExampleBuilder
+from lavi_jax.data.packing import PackIterDataset, RowLayout, stack_rows
 from lavi_jax.data.records import load_records
 from lavi_jax.data.tokenizer import Tokenizer, make_tokenizer
 
@@ -115,6 +118,17 @@ class _Build:
         return self.builder(*indexed)
 
 
+class _Rebuild:
+    """Record index -> example (None, after reporting, for a bad one): the packer's open rows on restore."""
+
+    def __init__(self, records, builder: ExampleBuilder, tracker: BadRecordTracker):
+        self.records, self.builder, self.tracker = records, builder, tracker
+
+    def __call__(self, index: int):
+        example = self.builder(index, self.records[index])
+        return example if self.tracker.accept(example) else None
+
+
 def make_train_iterator(
     config,
     tokenizer: Tokenizer | None = None,
@@ -140,6 +154,11 @@ def make_train_iterator(
       pad_to_max_bucket: pad every batch to the largest bucket. Defaults to
         True with several processes, whose global batch needs one T; with
         False, agree on T across processes and use ``collate.pad_batch``.
+
+    With ``config.packing`` each of the ``batch_size`` rows packs several
+    records (``max(seq_buckets)`` tokens, ``max_images`` items per row; see
+    ``packing``) and the batch adds ``segment_ids``, ``positions`` and the
+    host-only ``record_index`` [B, T].
     """
     tokenizer, image_processor = _components(config, tokenizer, image_processor)
     process_index, process_count = _process(process_index, process_count)
@@ -150,18 +169,25 @@ def make_train_iterator(
     if len(shard) == 0:
         raise ValueError(f"process {process_index} of {process_count} has no training records")
     tracker = BadRecordTracker(config.max_bad_records)
+    builder = _builder(config, tokenizer, image_processor)
     dataset = (
         shard.shuffle(seed=seed)
         .repeat(None)
-        .map(_Build(_builder(config, tokenizer, image_processor)))
+        .map(_Build(builder))
         .to_iter_dataset(_read_options(config, batch_size))
         .filter(tracker.accept)
-        .batch(
+    )
+    if config.get("packing", False):
+        layout = RowLayout(max(int(b) for b in config.seq_buckets), int(config.max_images), int(config.num_frames),
+                           tuple(image_processor.output_size), tokenizer.pad_id)
+        dataset = PackIterDataset(dataset, layout, config.get("pack_window", 8), _Rebuild(records, builder, tracker))
+        dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=stack_rows)
+    else:
+        dataset = dataset.batch(
             batch_size,
             drop_remainder=True,
             batch_fn=_collator(config, tokenizer, image_processor, pad_to_max_bucket, process_count, False),
         )
-    )
     return DataIterator(iter(dataset), tracker)
 
 

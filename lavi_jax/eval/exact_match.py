@@ -44,7 +44,7 @@ def evaluate_exact_match(config, model, params, mesh, tokenizer, processor, *,
     batch_size = config.evals.get("batch_size") or config.train.batch_size
     local_bs = max(batch_size // jax.process_count(), 1)
     it = make_eval_iterator(config.data, tokenizer, processor, batch_size=local_bs)
-    keys = BatchSpec.from_config(config, local_bs).keys()
+    keys = BatchSpec.from_config(config, local_bs, packed=False).keys()  # eval batches are never packed
     correct_fn = scorer or exact_match_scorer(model)
     indices, oks = [], []
     with sharding.use_mesh(mesh):

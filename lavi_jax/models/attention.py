@@ -1,4 +1,4 @@
-"""The one attention function: causal + key-padding masks, GQA, and the ``config.model.attention`` knob.
+"""The one attention function: causal + key-padding + segment masks, GQA, and the ``config.model.attention`` knob.
 
 ``config.model.attention`` names an implementation; :func:`resolve_attention`
 turns it into a concrete one for a backend, and :func:`implementation_for`
@@ -14,6 +14,8 @@ kernel cannot serve the call):
   when queries are the keys themselves (``aligned``: no KV cache, T == S, query
   t at key index t) and T is a multiple of 128, the kernel's lane width; any
   other call (a cached prefill or decode step, T % 128 != 0) uses ``xla``.
+  A packed row passes its own segment ids (1, 2, ... per conversation, 0 on
+  padding) instead, so attention is blind across conversations.
   Off TPU the kernel runs in Pallas interpret mode (``interpret=True`` exactly
   when ``jax.default_backend() != "tpu"``), slow but exact.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` with the
@@ -43,21 +45,28 @@ _SPLASH_BLOCKS = (512, 256, 128)  # largest first: the block used is the largest
 
 @struct.dataclass
 class AttentionMask:
-    """Which keys each query may see: ``key <= query_index`` (causal) and ``key_valid``.
+    """Which keys each query may see: ``key <= query_index`` (causal), ``key_valid`` and, for packed rows,
+    ``query_segment == key_segment``.
 
     query_index: int32 [B, T] each query's index in the key sequence.
     key_valid: bool [B, S] real (True) vs padded / not yet written (False) keys.
+    query_segment, key_segment: int32 [B, T] / [B, S] segment ids of a packed row (1, 2, ... per
+        packed sequence, 0 on padding), or None for an unpacked call (one sequence per row).
     aligned: static; True when query t is key t (no cache, T == S), the case splash serves.
     """
 
     query_index: jax.Array
     key_valid: jax.Array
+    query_segment: Optional[jax.Array] = None
+    key_segment: Optional[jax.Array] = None
     aligned: bool = struct.field(pytree_node=False, default=False)
 
     def dense(self) -> jax.Array:
         """The boolean mask [B, 1, T, S] the xla and cudnn paths take."""
         keys = jnp.arange(self.key_valid.shape[1], dtype=jnp.int32)
         mask = (keys[None, None, :] <= self.query_index[:, :, None]) & self.key_valid.astype(jnp.bool_)[:, None, :]
+        if self.key_segment is not None:
+            mask &= self.query_segment[:, :, None] == self.key_segment[:, None, :]
         return mask[:, None]
 
 
@@ -89,7 +98,7 @@ def implementation_for(name: str, backend: str, q_shape, k_shape, dtype, aligned
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float,
               implementation: str = "auto") -> jax.Array:
-    """Causal, key-padded multi-head attention.
+    """Causal, key-padded (and, for packed rows, segment-blind) multi-head attention.
 
     q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (GQA); ``mask``
     an :class:`AttentionMask`. Returns [B, T, H, D] in q's dtype.
@@ -123,6 +132,8 @@ def _splash(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     B, T, H, D = q.shape
     kernel = _splash_kernel(H, T, jax.default_backend() != "tpu")
     seg = mask.key_valid.astype(jnp.int32)  # [B, T]: 1 real, 0 padding (aligned: queries are the keys)
+    if mask.key_segment is not None:  # packed: one id per sequence, padding stays 0
+        seg = jnp.where(mask.key_valid, mask.key_segment.astype(jnp.int32), 0)
     qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, H, T, D]
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
     out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=SegmentIds(q=s, kv=s)))(qh, kh, vh, seg)

@@ -4,7 +4,9 @@ Every conditioner maps the normalised hidden state ``x_t = RMSNorm_noaffine(h_t)
 of text token t and the visual tokens ``V`` it may see to ``(dgamma_t, dbeta_t)``
 (each [B, T, D], or None for an affine parameter that is not modulated). Token t
 sees the tokens of visual item i iff item i's placeholder sits at or before t
-(``key_index <= query_index``); a token that sees nothing gets zero deltas.
+(``key_index <= query_index``) and, in a packed row, belongs to t's own
+sequence (``key_segment == query_segment``); a token that sees nothing gets
+zero deltas.
 The output projection ``W_o`` is zero-initialised, so a fresh model computes
 exactly what the base LLM computes.
 
@@ -53,18 +55,26 @@ class VisualContext:
     key_index: [B, N_items, F] sequence index of the item's placeholder; ``NO_ITEM`` for padding.
     query_index: [B, T] sequence index of each text token.
     grid: (h, w) of each frame's token grid (static).
+    key_segment: [B, N_items, F] segment id of the item's placeholder in a packed row, else None.
+    query_segment: [B, T] segment id of each text token in a packed row, else None.
     """
 
     tokens: Optional[jax.Array]
     key_index: Optional[jax.Array]
     query_index: jax.Array
     grid: tuple = struct.field(pytree_node=False, default=(0, 0))
+    key_segment: Optional[jax.Array] = None
+    query_segment: Optional[jax.Array] = None
 
 
-def _visible(key_index: jax.Array, query_index: jax.Array, tokens_per_frame: int) -> jax.Array:
-    """[B, T, S] bool: query t sees visual token s."""
-    per_token = jnp.repeat(key_index.reshape(key_index.shape[0], -1), tokens_per_frame, axis=1)  # [B, S]
-    return per_token[:, None, :] <= query_index[:, :, None]
+def _visible(key_index: jax.Array, query_index: jax.Array, tokens_per_frame: int,
+             key_segment: Optional[jax.Array] = None, query_segment: Optional[jax.Array] = None) -> jax.Array:
+    """[B, T, S] bool: query t sees visual token s (placeholder at or before t, same segment when packed)."""
+    per_token = lambda a: jnp.repeat(a.reshape(a.shape[0], -1), tokens_per_frame, axis=1)  # [B, S]
+    visible = per_token(key_index)[:, None, :] <= query_index[:, :, None]
+    if key_segment is not None and query_segment is not None:
+        visible &= per_token(key_segment)[:, None, :] == query_segment[:, :, None]
+    return visible
 
 
 class Conditioner(nn.Module):
@@ -97,7 +107,8 @@ class Conditioner(nn.Module):
                 return {"k": k, "v": v, "key_index": visual.key_index}
 
             cache = self._cached("kv", kv)
-            visible = _visible(cache["key_index"], visual.query_index, cache["k"].shape[1] // cache["key_index"][0].size)
+            visible = _visible(cache["key_index"], visual.query_index, cache["k"].shape[1] // cache["key_index"][0].size,
+                               visual.key_segment, visual.query_segment)
             q = dense((heads, head_dim), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
             a = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible[:, None], scale=head_dim**-0.5)
             out = dense((n_out, self.features), ("heads", "head_dim", None, "embed"), axis=(-2, -1), name="o_proj",
@@ -116,7 +127,8 @@ class Conditioner(nn.Module):
                 return {"tokens": v.reshape(v.shape[0], -1, v.shape[-1]), "key_index": visual.key_index}
 
             cache = self._cached("summary", summary)
-            visible = _visible(cache["key_index"], visual.query_index, cache["tokens"].shape[1] // cache["key_index"][0].size)
+            visible = _visible(cache["key_index"], visual.query_index, cache["tokens"].shape[1] // cache["key_index"][0].size,
+                               visual.key_segment, visual.query_segment)
             weights = visible.astype(self.dtype)
             count = weights.sum(-1, keepdims=True)
             mean = jnp.einsum("bts,bsc->btc", weights / jnp.maximum(count, 1), cache["tokens"].astype(self.dtype))

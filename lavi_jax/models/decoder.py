@@ -260,7 +260,8 @@ class Decoder(nn.Module):
     queries are keys 0..T-1, so it must be ``arange(T)`` there). ``cache`` is
     ``{"k", "v"}`` with a leading layer axis [L, B, S, K, D]; the output carries
     the updated one. ``logits_at`` [B, T'] (indices into the T queries)
-    computes the final norm and the head only at those positions.
+    computes the final norm and the head only at those positions. ``segment_ids``
+    [B, T] (packed rows, no cache): queries see only keys of their own segment.
     """
 
     cfg: Any
@@ -311,7 +312,7 @@ class Decoder(nn.Module):
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                  query_index=None, visual: VisualContext | None = None, cache=None, cache_index=None,
-                 logits_at=None) -> DecoderOutput:
+                 logits_at=None, segment_ids=None) -> DecoderOutput:
         c = self.cfg
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         h = sharding.constrain(h, ("batch", "length", "embed"))
@@ -324,7 +325,9 @@ class Decoder(nn.Module):
             attention_mask = jnp.ones((B, S), jnp.bool_)
         if position_ids is None:
             position_ids = query_index
-        mask = AttentionMask(query_index, attention_mask.astype(jnp.bool_), aligned=cache is None)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for uncached calls only")
+        mask = AttentionMask(query_index, attention_mask.astype(jnp.bool_), segment_ids, segment_ids, aligned=cache is None)
 
         new_cache = None
         if self.scan_layers:
@@ -344,7 +347,8 @@ class Decoder(nn.Module):
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
             if visual is not None:
-                visual = visual.replace(query_index=jnp.take_along_axis(visual.query_index, logits_at, axis=1))
+                at = lambda a: None if a is None else jnp.take_along_axis(a, logits_at, axis=1)
+                visual = visual.replace(query_index=at(visual.query_index), query_segment=at(visual.query_segment))
         h = self.norm(h, visual)
         if c.tie_word_embeddings:
             logits = self.embed_tokens.attend(h)

@@ -14,6 +14,14 @@ to ``cumsum(attention_mask) - 1``. ``logits_at`` [B, T'] returns logits only at
 those text positions (the final norm and LM head run on T' tokens), e.g. the
 last prompt token when prefilling.
 
+Packed rows (training) add ``segment_ids`` [B, T] (1, 2, ... for the packed
+sequences of a row in order, 0 on padding) and pass ``position_ids`` restarting
+at 0 in each segment (default: :func:`~lavi_jax.models.splice.segment_positions`).
+Attention is causal within a segment and blind across segments, and a token
+sees only its own segment's items. For concat fusion the expanded sequence's
+segments and positions follow from the layout (``position_ids`` are not used).
+Packed calls take no cache.
+
 Cached decoding (see :mod:`lavi_jax.generate`) goes through one method,
 ``model.apply(variables, input_ids, ..., method=LaVi.forward)``, which takes
 the same arguments plus ``cache`` / ``cache_index`` / ``use_visual_cache`` and
@@ -53,7 +61,7 @@ from lavi_jax.models.conditioner import NO_ITEM, VisualContext
 from lavi_jax.models.decoder import Decoder, DecoderOutput
 from lavi_jax.models.layers import dtype_of
 from lavi_jax.models.projector import Projector, tokens_per_frame
-from lavi_jax.models.splice import item_positions, splice, splice_layout
+from lavi_jax.models.splice import item_positions, segment_positions, splice, splice_layout, splice_segments
 from lavi_jax.models.vit import VisionTower
 
 FUSIONS = ("modulation", "concat", "none")
@@ -92,13 +100,14 @@ class LaVi(nn.Module):
         return self.projector(feats.reshape((B, N, F) + feats.shape[1:]))
 
     def __call__(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
-                 logits_at=None) -> jax.Array:
+                 logits_at=None, segment_ids=None) -> jax.Array:
         """Logits [B, T, vocab] float32 ([B, T', vocab] with ``logits_at``)."""
         return self.forward(input_ids, pixel_values, item_mask, attention_mask=attention_mask,
-                            position_ids=position_ids, logits_at=logits_at).logits
+                            position_ids=position_ids, logits_at=logits_at, segment_ids=segment_ids).logits
 
     def forward(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
-                cache=None, cache_index=None, use_visual_cache: bool = False, logits_at=None) -> DecoderOutput:
+                cache=None, cache_index=None, use_visual_cache: bool = False, logits_at=None,
+                segment_ids=None) -> DecoderOutput:
         """The full output: logits and hidden at the text positions, and the updated KV cache when given."""
         c = self.config
         B, T = input_ids.shape
@@ -113,11 +122,14 @@ class LaVi(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape if cache is None or concat else (B, cache["k"].shape[2]), jnp.int32)
         if concat:
-            return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at)
+            return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at,
+                                segment_ids)
 
         start = 0 if cache_index is None else cache_index
         query_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        if position_ids is None:
+        if position_ids is None and segment_ids is not None:
+            position_ids = segment_positions(segment_ids, attention_mask)
+        elif position_ids is None:
             position_ids = query_index if cache is not None else default_positions(attention_mask)
         visual = None
         if c.fusion == "modulation" and use_visual_cache:
@@ -126,11 +138,18 @@ class LaVi(nn.Module):
             tokens, grid = self.encode(pixel_values)
             pos = item_positions(input_ids, c.image_token_id, pixel_values.shape[1])
             key_index = jnp.where(item_mask & (pos < NO_ITEM)[:, :, None], pos[:, :, None] + start, NO_ITEM)
-            visual = VisualContext(tokens, key_index.astype(jnp.int32), query_index, grid)
+            key_segment = query_segment = None
+            if segment_ids is not None:  # an item belongs to its placeholder's segment
+                query_segment = segment_ids.astype(jnp.int32)
+                placeholder = jnp.take_along_axis(query_segment, jnp.where(pos < NO_ITEM, pos, 0), axis=1)  # [B, N]
+                key_segment = jnp.broadcast_to(placeholder[:, :, None], key_index.shape)
+            visual = VisualContext(tokens, key_index.astype(jnp.int32), query_index, grid, key_segment, query_segment)
         return self.llm(input_ids, visual=visual, logits_at=logits_at, attention_mask=attention_mask,
-                        position_ids=position_ids, query_index=query_index, cache=cache, cache_index=cache_index)
+                        position_ids=position_ids, query_index=query_index, cache=cache, cache_index=cache_index,
+                        segment_ids=segment_ids)
 
-    def _concat(self, input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at):
+    def _concat(self, input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at,
+                segment_ids=None):
         """LLaVA-style: splice each item's visual tokens in place of its placeholder."""
         c = self.config
         B, N = pixel_values.shape[:2]
@@ -144,5 +163,9 @@ class LaVi(nn.Module):
         if cache is not None:  # keys past the prefix are later decode steps (hidden by causality here)
             llm_mask = jnp.pad(llm_mask, ((0, 0), (0, cache["k"].shape[2] - layout.length)), constant_values=1)
         at = layout.text_last if logits_at is None else jnp.take_along_axis(layout.text_last, logits_at, axis=1)
-        return self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=default_positions(layout.mask),
-                        cache=cache, cache_index=cache_index, logits_at=at)
+        segments, positions = None, default_positions(layout.mask)
+        if segment_ids is not None:
+            segments = splice_segments(segment_ids, layout)
+            positions = segment_positions(segments, layout.mask)
+        return self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=positions,
+                        cache=cache, cache_index=cache_index, logits_at=at, segment_ids=segments)

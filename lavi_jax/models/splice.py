@@ -6,6 +6,12 @@ visual tokens (F frames of P tokens each), so a row of T tokens becomes
 ``T_out = T + N * (L - 1)`` tokens (rows with fewer placeholders leave masked
 slots at the end). The layout depends on shapes and token ids only, so the
 generator computes it without running the model.
+
+A packed row (``segment_ids`` [B, T]: 1, 2, ... per packed sequence, 0 on
+padding) keeps its segments in the expanded sequence: every expanded slot
+belongs to the text token whose span holds it (visual tokens to their
+placeholder), and positions restart at each segment's first token
+(:func:`segment_positions`).
 """
 
 from __future__ import annotations
@@ -84,3 +90,24 @@ def splice(text: jax.Array, visual: jax.Array, layout: SpliceLayout) -> jax.Arra
     rows = jnp.arange(B)[:, None]
     out = jnp.zeros((B, layout.length, D), text.dtype).at[rows, layout.text_slot].set(text)
     return out.at[rows[:, :, None], layout.visual_slot].set(visual.astype(out.dtype), mode="drop")
+
+
+def segment_positions(segment_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, T] int32 position ids counting ``mask``-valid tokens from 0 within each contiguous segment.
+
+    With ``segment_ids == mask`` this is ``max(cumsum(mask) - 1, 0)`` at every real token (the unpacked
+    default); a position whose segment holds no valid token before it gets 0.
+    """
+    valid = mask.astype(jnp.int32)
+    count = jnp.cumsum(valid, axis=1)
+    start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    base = jax.lax.cummax(jnp.where(start, count - valid, 0), axis=1)  # valid tokens before the segment
+    return jnp.maximum(count - 1 - base, 0).astype(jnp.int32)
+
+
+def splice_segments(segment_ids: jax.Array, layout: SpliceLayout) -> jax.Array:
+    """Segment ids [B, T] of a packed row -> [B, T_out]: each expanded slot takes its text token's segment."""
+    B, T = segment_ids.shape
+    rows = jnp.arange(B)[:, None]
+    owner = jnp.zeros((B, layout.length), jnp.int32).at[rows, layout.text_slot].set(jnp.arange(T, dtype=jnp.int32))
+    return jnp.take_along_axis(segment_ids.astype(jnp.int32), jax.lax.cummax(owner, axis=1), axis=1)

@@ -2,8 +2,12 @@
 
 * Loss: next-token cross entropy on assistant tokens (``loss_mask`` aligned to
   target positions, see :mod:`lavi_jax.data.batch`), averaged over the global
-  batch's target tokens; gradients are accumulated over ``config.train.grad_accum``
-  micro-batches.
+  batch's target tokens (a token mean, not a mean of per-sample means), so
+  packed and unpacked batches of the same samples give the same loss and
+  gradients; gradients are accumulated over ``config.train.grad_accum``
+  micro-batches. Packed rows carry ``segment_ids`` and ``positions``, passed to
+  the model; their ``loss_mask`` is 0 at each segment's first token, so no
+  target is predicted across a segment boundary.
 * A step whose loss or gradient norm is not finite leaves params and optimizer
   state untouched and increments ``nonfinite`` (reset by the next finite step).
 """
@@ -28,9 +32,10 @@ from lavi_jax.train.state import TrainState, state_shardings
 
 
 def loss_terms(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of target-token NLL, number of target tokens) for a batch."""
+    """(sum of target-token NLL, number of target tokens) for a batch (packed when it has ``segment_ids``)."""
     logits = model.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"), batch.get("item_mask"),
-                         attention_mask=batch["attention_mask"])
+                         attention_mask=batch["attention_mask"], position_ids=batch.get("positions"),
+                         segment_ids=batch.get("segment_ids"))
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
     w = batch["loss_mask"][:, 1:].astype(jnp.float32)
