@@ -9,3 +9,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+from PIL import ImageFile
+
+
+@pytest.fixture(autouse=True)
+def pil_rejects_truncated_images():
+    """Importing lmms-eval's task module (a scorer reference) sets PIL's process-wide
+    LOAD_TRUNCATED_IMAGES; every test starts from PIL's default, under which truncated files fail."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    yield
