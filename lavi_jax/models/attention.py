@@ -53,6 +53,8 @@ class AttentionMask:
     query_segment, key_segment: int32 [B, T] / [B, S] segment ids of a packed row (1, 2, ... per
         packed sequence, 0 on padding), or None for an unpacked call (one sequence per row).
     aligned: static; True when query t is key t (no cache, T == S), the case splash serves.
+    full: the dense mask of :meth:`dense`, built once per model call by :meth:`with_dense` so that the
+        layers share it (left unused, and dropped by the compiler, where splash serves the call).
     """
 
     query_index: jax.Array
@@ -60,9 +62,15 @@ class AttentionMask:
     query_segment: Optional[jax.Array] = None
     key_segment: Optional[jax.Array] = None
     aligned: bool = struct.field(pytree_node=False, default=False)
+    full: Optional[jax.Array] = None
+
+    def with_dense(self) -> "AttentionMask":
+        return self.replace(full=self.dense())
 
     def dense(self) -> jax.Array:
         """The boolean mask [B, 1, T, S] the xla and cudnn paths take."""
+        if self.full is not None:
+            return self.full
         keys = jnp.arange(self.key_valid.shape[1], dtype=jnp.int32)
         mask = (keys[None, None, :] <= self.query_index[:, :, None]) & self.key_valid.astype(jnp.bool_)[:, None, :]
         if self.key_segment is not None:

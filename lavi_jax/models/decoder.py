@@ -327,7 +327,8 @@ class Decoder(nn.Module):
             position_ids = query_index
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) are for uncached calls only")
-        mask = AttentionMask(query_index, attention_mask.astype(jnp.bool_), segment_ids, segment_ids, aligned=cache is None)
+        mask = AttentionMask(query_index, attention_mask.astype(jnp.bool_), segment_ids, segment_ids,
+                             aligned=cache is None).with_dense()  # one dense mask for every layer
 
         new_cache = None
         if self.scan_layers:
