@@ -129,3 +129,80 @@ def test_bad_pinpoints_fail_naming_the_value():
         check_pinpoints([[384]], 384, 4)
     with pytest.raises(ValueError, match="square tiles"):
         AnyresProcessor(ImageProcessor(size=(32, 64)), [[32, 64]], 2)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+def _conv(question):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": "a"}]
+
+
+def _pipeline_config(tmp_path, records, **overrides):
+    from lavi_jax import config as C
+
+    path = tmp_path / "data.json"
+    path.write_text(__import__("json").dumps(records))
+    kw = dict(train_json=str(path), eval_json=str(path), image_root=str(tmp_path), image_size=32,
+              seq_buckets=(64,), num_threads=1, max_bad_records=5, max_images=2, num_frames=3)
+    kw.update(overrides)
+    return C.data(**kw)
+
+
+def test_eval_pipeline_crops_sizes_and_bad_images(tmp_path):
+    """A record's crop count follows its image size within the static maximum; an image past the pixel limit
+    is skipped and reported with the record id; a 1x1 and a 1x200 image are processed."""
+    from lavi_jax import data as D
+
+    sizes = {"wide": (20, 90), "tall": (90, 33), "dot": (1, 1), "strip": (1, 200), "huge": (300, 300)}
+    records = []
+    for name, (h, w) in sizes.items():
+        random_image(h, w).save(tmp_path / f"{name}.png")
+        records.append({"id": name, "image": f"{name}.png", "conversations": _conv("<image>\nq?")})
+    records.append({"id": "two", "image": ["wide.png", "tall.png"], "conversations": _conv("<image><image>q?")})
+    records.append({"id": "video", "video": "frames", "image": "tall.png", "conversations": _conv("q?")})
+    os.makedirs(tmp_path / "frames")
+    for f in range(4):
+        random_image(40, 50, seed=f).save(tmp_path / "frames" / f"{f}.png")
+    config = _pipeline_config(tmp_path, records, max_image_pixels=50_000)
+    hf, processor = onevision(32, TINY_PINPOINTS)  # anyres_max: a multi-image record is not tiled
+    processor = AnyresProcessor(processor.processor, processor.pinpoints, processor.max_crops, "anyres_max_9")
+    it = D.make_eval_iterator(config, D.ByteTokenizer(), processor, batch_size=len(records), process_index=0,
+                              process_count=1)
+    batch = next(it)
+    assert batch["pixel_values"].shape == (len(records), 2, 10, 32, 32, 3)
+    assert batch["image_sizes"].shape == (len(records), 2, 2) and batch["image_sizes"].dtype == np.int32
+    assert [(b.id, "ImageTooLargeError" in b.reason) for b in it.bad_records.reports] == [("huge", True)]
+    valid = batch["valid"].tolist()
+    assert valid == [True, True, True, True, False, True, True]
+    for b, (name, (h, w)) in enumerate(list(sizes.items())[:4]):
+        ref = hf(random_image(h, w), return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+        n = 1 + num_crops((h, w), TINY_PINPOINTS, 32)
+        assert batch["item_mask"][b, 0].tolist() == [True] * n + [False] * (10 - n)
+        np.testing.assert_allclose(batch["pixel_values"][b, 0, :n], ref, rtol=0, atol=1e-6)
+        assert batch["image_sizes"][b].tolist() == [[h, w], [0, 0]]
+    two = batch["item_mask"][5]
+    assert two[:, 0].all() and not two[:, 1:].any()  # one square frame per image of a multi-image record
+    assert batch["image_sizes"][5].tolist() == [[20, 90], [90, 33]]
+    video = 6  # an image (tiled: the only image) then a 3-frame video, sizes (0, 0) for the video
+    assert batch["item_mask"][video, 0].sum() == 1 + num_crops((90, 33), TINY_PINPOINTS, 32)
+    assert batch["item_mask"][video, 1].tolist() == [True] * 3 + [False] * 7
+    assert batch["image_sizes"][video].tolist() == [[90, 33], [0, 0]]
+
+
+def test_train_pipeline_off_has_no_image_sizes(tmp_path):
+    from lavi_jax import data as D
+
+    random_image(20, 90).save(tmp_path / "a.png")
+    config = _pipeline_config(tmp_path, [{"id": "a", "image": "a.png", "conversations": _conv("q?")}])
+    batch = next(D.make_train_iterator(config, D.ByteTokenizer(), batch_size=1, process_index=0, process_count=1))
+    assert "image_sizes" not in batch and batch["item_mask"].shape == (1, 2, 3)
+    hf, processor = onevision(32, TINY_PINPOINTS)
+    for packing in (False, True):
+        config.packing = packing
+        batch = next(D.make_train_iterator(config, D.ByteTokenizer(), processor, batch_size=1, process_index=0,
+                                           process_count=1))
+        n = 1 + num_crops((20, 90), TINY_PINPOINTS, 32)
+        assert batch["item_mask"].shape == (1, 2, 10) and batch["item_mask"][0, 0].sum() == n
+        used = batch["item_mask"][0, :, 0]  # packed: the one record fills the row twice
+        assert used.tolist() == ([True, True] if packing else [True, False])
+        assert batch["image_sizes"][0].tolist() == [[20, 90] if u else [0, 0] for u in used]

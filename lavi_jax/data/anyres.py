@@ -105,12 +105,29 @@ class AnyresProcessor:
     """An image -> ``(pixels [1 + max_crops, S, S, 3] float32, mask [1 + max_crops] bool)``.
 
     ``processor`` is the tower's per-frame processor (its output is S x S);
-    ``pinpoints`` multiples of S with at most ``max_crops`` crops each.
+    ``pinpoints`` multiples of S with at most ``max_crops`` crops each;
+    ``aspect`` HF's ``vision_aspect_ratio``: with ``"anyres_max_N"`` (OneVision)
+    the images of a multi-image sample are not tiled (:meth:`square`).
     """
 
     processor: ImageProcessor
     pinpoints: Pinpoints
     max_crops: int
+    aspect: str = "anyres"
+
+    @classmethod
+    def from_config(cls, anyres, processor: ImageProcessor) -> "AnyresProcessor":
+        """From ``config.model.anyres`` (pinpoints, max_crops, aspect) around the tower's processor."""
+        return cls(processor, anyres.pinpoints, int(anyres.max_crops), str(anyres.get("aspect", "anyres")))
+
+    @property
+    def tiles_multi_images(self) -> bool:
+        """Whether each image of a multi-image sample is tiled (LLaVA-NeXT) or padded to a square (OneVision)."""
+        return not self.aspect.startswith("anyres_max")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.processor.output_size
 
     def __post_init__(self):
         size = self.processor.output_size

@@ -14,6 +14,13 @@ abstract shapes (dry run) all come from :class:`BatchSpec`. For B rows of T toke
 * ``item_mask`` bool [B, N_items, N_frames]: True on real frames. An image is
   an item of one frame (frame 0); padded items are all False.
 
+With anyres (``config.model.anyres.enabled``) an image item is its whole image
+(frame 0) plus its crops (frames 1..C, row-major), N_frames is
+``max(num_frames, 1 + max_crops)``, and the batch adds
+
+* ``image_sizes`` int32 [B, N_items, 2]: each image's original (height, width);
+  (0, 0) for videos and padded items.
+
 Packed rows (``config.data.packing``, see ``packing``) add, per token:
 
 * ``segment_ids`` int32 [B, T]: 1, 2, ... for the row's conversations in order, 0 on padding.
@@ -36,6 +43,13 @@ import numpy as np
 TEXT_FIELDS = {"input_ids": np.int32, "attention_mask": np.int32, "loss_mask": np.float32}
 PACKED_FIELDS = {"segment_ids": np.int32, "positions": np.int32}
 VISUAL_FIELDS = {"pixel_values": np.float32, "item_mask": np.bool_}
+
+
+def item_frames(config) -> int:
+    """N_frames of a run config: ``data.num_frames``, or ``max(that, 1 + max_crops)`` with anyres."""
+    anyres = config.model.get("anyres")
+    frames = int(config.data.num_frames)
+    return max(frames, 1 + int(anyres.max_crops)) if anyres is not None and anyres.enabled else frames
 
 
 def bucket_length(length: int, buckets: Sequence[int] | None, *, beyond: str = "error") -> int:
@@ -67,6 +81,7 @@ class BatchSpec:
     image_size: tuple[int, int] = (0, 0)
     visual: bool = True  # False for a text-only model: no pixel_values / item_mask
     packed: bool = False  # True for packed rows: segment_ids / positions
+    anyres: bool = False  # True with anyres tiling: image_sizes
 
     @classmethod
     def from_config(cls, config, batch_size: int, seq_len: int | None = None,
@@ -77,9 +92,10 @@ class BatchSpec:
         """
         d, m = config.data, config.model
         packed = bool(d.get("packing", False)) if packed is None else packed
+        anyres = m.get("anyres")
         return cls(batch_size=int(batch_size), seq_len=int(seq_len or max(d.seq_buckets)), max_items=int(d.max_images),
-                   num_frames=int(d.num_frames), image_size=(int(d.image_size), int(d.image_size)),
-                   visual=m.fusion != "none", packed=packed)
+                   num_frames=item_frames(config), image_size=(int(d.image_size), int(d.image_size)),
+                   visual=m.fusion != "none", packed=packed, anyres=anyres is not None and bool(anyres.enabled))
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """``{key: (shape, dtype)}`` of every field the model takes."""
@@ -91,6 +107,8 @@ class BatchSpec:
             h, w = self.image_size
             out["pixel_values"] = ((B, self.max_items, self.num_frames, h, w, 3), np.dtype(np.float32))
             out["item_mask"] = ((B, self.max_items, self.num_frames), np.dtype(np.bool_))
+            if self.anyres:
+                out["image_sizes"] = ((B, self.max_items, 2), np.dtype(np.int32))
         return out
 
     def keys(self) -> tuple[str, ...]:

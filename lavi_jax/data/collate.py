@@ -22,6 +22,7 @@ class Collator:
 
     With ``eval_mode`` the batch also holds ``valid`` bool [B] (False on
     padding examples) and ``index`` int32 [B] (record index, -1 on padding).
+    With ``anyres`` it also holds ``image_sizes`` int32 [B, N_items, 2].
     """
 
     seq_buckets: tuple[int, ...]
@@ -31,11 +32,13 @@ class Collator:
     pad_id: int
     pad_to_max_bucket: bool = False
     eval_mode: bool = False
+    anyres: bool = False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         longest = max(len(e["input_ids"]) for e in examples)
         seq_len = bucket_length(max(self.seq_buckets) if self.pad_to_max_bucket else longest, self.seq_buckets)
-        spec = BatchSpec(len(examples), seq_len, self.max_images, self.num_frames, tuple(self.image_size))
+        spec = BatchSpec(len(examples), seq_len, self.max_images, self.num_frames, tuple(self.image_size),
+                         anyres=self.anyres)
         batch = spec.zeros(self.pad_id)
         for b, example in enumerate(examples):
             length = len(example["input_ids"])
@@ -46,6 +49,8 @@ class Collator:
                 items, frames = example["item_mask"].shape
                 batch["pixel_values"][b, :items, :frames] = example["pixel_values"]
                 batch["item_mask"][b, :items, :frames] = example["item_mask"]
+                if self.anyres and "image_sizes" in example:
+                    batch["image_sizes"][b, :items] = example["image_sizes"]
         batch["loss_mask"][:, 0] = 0.0
         if self.eval_mode:
             batch["valid"] = np.asarray([e.get("valid", True) for e in examples], bool)

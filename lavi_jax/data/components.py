@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from lavi_jax.data.anyres import AnyresProcessor
 from lavi_jax.data.image_processor import ImageProcessor, make_image_processor
 from lavi_jax.data.tokenizer import Tokenizer, make_tokenizer
 
 
-def make_components(config) -> tuple[Tokenizer, ImageProcessor]:
-    """``(tokenizer, image processor)`` for ``config.data``; raises when they do not fit ``config.model``."""
+def make_components(config) -> tuple[Tokenizer, ImageProcessor | AnyresProcessor]:
+    """``(tokenizer, image processor)`` for ``config.data``; raises when they do not fit ``config.model``.
+
+    With ``config.model.anyres.enabled`` the processor is an ``AnyresProcessor``
+    (the model config's pinpoints / max_crops / aspect around the tower's processor).
+    """
     tokenizer = make_tokenizer(config.data.tokenizer)
     m = config.model
     if tokenizer.vocab_size > m.llm.vocab_size:
@@ -18,4 +23,8 @@ def make_components(config) -> tuple[Tokenizer, ImageProcessor]:
                          f"model.image_token_id {m.image_token_id}")
     if m.fusion != "none" and config.data.image_size != m.vision.image_size:
         raise ValueError(f"data.image_size={config.data.image_size} != model.vision.image_size={m.vision.image_size}")
-    return tokenizer, make_image_processor(config.data.processor, config.data.image_size)
+    processor = make_image_processor(config.data.processor, config.data.image_size)
+    anyres = m.get("anyres")
+    if m.fusion != "none" and anyres is not None and anyres.enabled:
+        processor = AnyresProcessor.from_config(anyres, processor)
+    return tokenizer, processor

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lavi_jax.data.anyres import AnyresProcessor
 from lavi_jax.data.bad_records import BadRecord
 from lavi_jax.data.image_processor import ImageProcessor
 from lavi_jax.data.media import MediaLoader, media_items
@@ -53,11 +54,13 @@ class ExampleBuilder:
     tokens), ``pixel_values`` float32 [N_items, num_frames, H, W, 3] with
     N_items <= ``max_images`` actual items, ``item_mask`` bool [N_items,
     num_frames] (an image fills frame 0; a short video its first frames),
-    ``index`` (the record's position in the file).
+    ``index`` (the record's position in the file). With an anyres processor an
+    image item is its whole image plus crops (``1 + max_crops`` frames) and the
+    example adds ``image_sizes`` int32 [N_items, 2].
     """
 
     tokenizer: Tokenizer
-    image_processor: ImageProcessor
+    image_processor: ImageProcessor | AnyresProcessor
     image_root: str
     max_images: int
     num_frames: int
@@ -90,11 +93,14 @@ class ExampleBuilder:
             raise ValueError(f"{len(input_ids)} tokens, longer than the largest bucket ({self.max_length})")
         if not loss_mask.any():
             raise ValueError("no assistant tokens after tokenisation")
-        pixel_values, item_mask = self.media.load(items)
-        return {
+        pixel_values, item_mask, image_sizes = self.media.load_all(items)
+        example = {
             "input_ids": input_ids.astype(np.int32),
             "loss_mask": loss_mask.astype(np.int32),
             "pixel_values": pixel_values,
             "item_mask": item_mask,
             "index": index,
         }
+        if self.media.anyres:
+            example["image_sizes"] = image_sizes
+        return example

@@ -12,6 +12,12 @@ Paths never leave the image root: LLaVA records give paths relative to it
 (``records.resolve_path``), benchmark samples paths already joined with it
 (``joined=True``, checked by :func:`inside_root`). Images above ``max_pixels``
 are refused (``ImageTooLargeError``).
+
+With an :class:`~lavi_jax.data.anyres.AnyresProcessor` an image item is
+``1 + max_crops`` frames (the whole image, then its crops; see ``anyres``),
+items have ``max(num_frames, 1 + max_crops)`` frames, and :meth:`MediaLoader.load_all`
+also returns ``image_sizes`` int32 [N, 2]: each image's original (height, width),
+(0, 0) for videos and padding.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lavi_jax.data.anyres import AnyresProcessor
 from lavi_jax.data.image_processor import ImageProcessor, load_image
 from lavi_jax.data.records import resolve_path
 from lavi_jax.data.video import load_video
@@ -68,13 +75,14 @@ def inside_root(root: str | None, path: str) -> str:
 class MediaLoader:
     """Loads a sample's visual items with ``processor``; raises for unusable media.
 
-    ``loader(sample, num_items)`` -> ``(pixel_values [num_items, num_frames, H, W, 3]
-    float32, item_mask [num_items, num_frames] bool)``; ``num_items`` defaults to
+    ``loader(sample, num_items)`` -> ``(pixel_values [num_items, item_frames, H, W, 3]
+    float32, item_mask [num_items, item_frames] bool)``; ``num_items`` defaults to
     the sample's own count. ``resolve`` + ``load`` split the two steps, for
-    callers that check paths before tokenising.
+    callers that check paths before tokenising. ``num_frames`` is the frames
+    sampled per video; ``item_frames`` the frame axis (more with anyres).
     """
 
-    processor: ImageProcessor
+    processor: ImageProcessor | AnyresProcessor
     num_frames: int = 1
     image_root: str | None = None
     max_pixels: int | None = None
@@ -83,6 +91,15 @@ class MediaLoader:
     def __post_init__(self):
         if self.processor.output_size is None:
             raise ValueError("the image processor must produce a fixed output size")
+
+    @property
+    def anyres(self) -> bool:
+        return isinstance(self.processor, AnyresProcessor)
+
+    @property
+    def item_frames(self) -> int:
+        """Frames per item: ``num_frames``, or ``max(num_frames, 1 + max_crops)`` with anyres."""
+        return max(self.num_frames, self.processor.num_frames) if self.anyres else self.num_frames
 
     def __call__(self, sample: dict[str, Any], num_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.load(self.resolve(media_items(sample)), num_items)
@@ -106,22 +123,37 @@ class MediaLoader:
 
     def load(self, items: list[Item], num_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Resolved items -> ``(pixel_values, item_mask)`` of ``num_items`` items (default: ``len(items)``)."""
+        return self.load_all(items, num_items)[:2]
+
+    def load_all(self, items: list[Item], num_items: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Resolved items -> ``(pixel_values, item_mask, image_sizes)`` of ``num_items`` items."""
         n = len(items) if num_items is None else int(num_items)
         if len(items) > n:
             raise ValueError(f"{len(items)} images/videos, more than {n}")
-        return self._stack([self.frames(kind, value) for kind, value in items], n)
+        loaded = [(kind, self.frames(kind, value)) for kind, value in items]
+        return self._stack(loaded, n)
 
-    def _stack(self, items: list[list[Image.Image]], num_items: int) -> tuple[np.ndarray, np.ndarray]:
-        """Each item's frames, preprocessed, into zero-padded ``(pixel_values, item_mask)``."""
+    def _stack(self, items: list[tuple[str, list[Image.Image]]], num_items: int):
+        """Each item's frames, preprocessed, into zero-padded ``(pixel_values, item_mask, image_sizes)``."""
         h, w = self.processor.output_size
-        pixel_values = np.zeros((num_items, self.num_frames, h, w, 3), np.float32)
-        item_mask = np.zeros((num_items, self.num_frames), bool)
-        for i, frames in enumerate(items):
+        F = self.item_frames
+        pixel_values = np.zeros((num_items, F, h, w, 3), np.float32)
+        item_mask = np.zeros((num_items, F), bool)
+        image_sizes = np.zeros((num_items, 2), np.int32)
+        frame_processor = self.processor.processor if self.anyres else self.processor
+        tile = self.anyres and (self.processor.tiles_multi_images or sum(k != VIDEO for k, _ in items) == 1)
+        for i, (kind, frames) in enumerate(items):
+            if self.anyres and kind != VIDEO:
+                image = frames[0]
+                pixels, mask = self.processor(image) if tile else self.processor.square(image)
+                pixel_values[i, : len(mask)], item_mask[i, : len(mask)] = pixels, mask
+                image_sizes[i] = image.height, image.width
+                continue
             for f, frame in enumerate(frames[: self.num_frames]):
-                pixel_values[i, f] = self.processor(frame)
+                pixel_values[i, f] = frame_processor(frame)
                 item_mask[i, f] = True
-        return pixel_values, item_mask
+        return pixel_values, item_mask, image_sizes
 
     def empty(self, num_items: int) -> tuple[np.ndarray, np.ndarray]:
         """Zero ``(pixel_values, item_mask)`` of ``num_items`` items (rows with no usable media)."""
-        return self._stack([], num_items)
+        return self._stack([], num_items)[:2]

@@ -45,10 +45,12 @@ class RowLayout:
     num_frames: int
     image_size: tuple[int, int]
     pad_id: int
+    anyres: bool = False  # rows carry image_sizes
 
     def build(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
         """One packed row of ``examples`` (which fit the budgets)."""
-        spec = BatchSpec(1, self.seq_len, self.max_items, self.num_frames, tuple(self.image_size), packed=True)
+        spec = BatchSpec(1, self.seq_len, self.max_items, self.num_frames, tuple(self.image_size), packed=True,
+                         anyres=self.anyres)
         row = {k: v[0] for k, v in spec.zeros(self.pad_id).items()}
         row["record_index"] = np.full(self.seq_len, -1, np.int32)
         t = k = 0
@@ -66,6 +68,8 @@ class RowLayout:
                 frames = e["item_mask"].shape[1]
                 row["pixel_values"][k:k + items, :frames] = e["pixel_values"]
                 row["item_mask"][k:k + items, :frames] = e["item_mask"]
+                if self.anyres:
+                    row["image_sizes"][k:k + items] = e["image_sizes"]
             t, k = t + n, k + items
         if t > self.seq_len or k > self.max_items:
             raise ValueError(f"row of {t} tokens and {k} items exceeds ({self.seq_len}, {self.max_items})")

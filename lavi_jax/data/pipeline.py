@@ -28,6 +28,7 @@ import grain
 import jax
 import numpy as np
 
+from lavi_jax.data.anyres import AnyresProcessor
 from lavi_jax.data.bad_records import BadRecord, BadRecordTracker
 from lavi_jax.data.collate import Collator
 from lavi_jax.data.image_processor import ImageProcessor, make_image_processor
@@ -84,14 +85,16 @@ def _builder(config, tokenizer, image_processor) -> ExampleBuilder:
 
 
 def _collator(config, tokenizer, image_processor, pad_to_max_bucket, process_count, eval_mode) -> Collator:
+    anyres = isinstance(image_processor, AnyresProcessor)
     return Collator(
         seq_buckets=tuple(sorted(int(b) for b in config.seq_buckets)),
         max_images=config.max_images,
-        num_frames=config.num_frames,
+        num_frames=max(config.num_frames, image_processor.num_frames) if anyres else config.num_frames,
         image_size=image_processor.output_size,
         pad_id=tokenizer.pad_id,
         pad_to_max_bucket=process_count > 1 if pad_to_max_bucket is None else pad_to_max_bucket,
         eval_mode=eval_mode,
+        anyres=anyres,
     )
 
 
@@ -145,7 +148,9 @@ def make_train_iterator(
 
     Args:
       config: the data config (``config.data``, defaults in ``lavi_jax.config.data``).
-      tokenizer, image_processor: built from ``config`` when None.
+      tokenizer, image_processor: built from ``config`` when None; pass an
+        ``AnyresProcessor`` (``make_components`` builds one from
+        ``config.model.anyres``) for anyres tiles and ``image_sizes``.
       batch_size: per-process batch size.
       seed: shuffle seed (the same on every process; shards differ).
       json_path: records file; defaults to ``config.train_json``.
@@ -178,8 +183,10 @@ def make_train_iterator(
         .filter(tracker.accept)
     )
     if config.get("packing", False):
-        layout = RowLayout(max(int(b) for b in config.seq_buckets), int(config.max_images), int(config.num_frames),
-                           tuple(image_processor.output_size), tokenizer.pad_id)
+        anyres = isinstance(image_processor, AnyresProcessor)
+        frames = max(config.num_frames, image_processor.num_frames) if anyres else config.num_frames
+        layout = RowLayout(max(int(b) for b in config.seq_buckets), int(config.max_images), int(frames),
+                           tuple(image_processor.output_size), tokenizer.pad_id, anyres)
         dataset = PackIterDataset(dataset, layout, config.get("pack_window", 8), _Rebuild(records, builder, tracker))
         dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=stack_rows)
     else:
