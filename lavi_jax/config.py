@@ -89,6 +89,25 @@ def conditioner(**overrides) -> ConfigDict:
     return c
 
 
+def anyres(**overrides) -> ConfigDict:
+    """Any-resolution images as LLaVA-NeXT / LLaVA-OneVision tile them (``config.model.anyres``).
+
+    An image item is ``1 + max_crops`` frames: the whole image at the tower's size, then the crops of the
+    best canvas among ``pinpoints`` in row-major order (masked past the image's own crop count).
+    """
+    c = ConfigDict()
+    c.enabled = False  # anyres tiling on/off for images
+    c.pinpoints = ()  # ((h, w), ...): canvases, multiples of vision.image_size (HF image_grid_pinpoints)
+    c.max_crops = 0  # static maximum crops per image item (>= rows * cols of every pinpoint)
+    # "anyres" (LLaVA-NeXT) | "anyres_max_N" (OneVision: tile features larger than N tiles are bilinearly
+    # downsampled to about N tiles; videos are pooled 2x2 with one newline per video)
+    c.aspect = "anyres"
+    c.newline = True  # concat: an ``image_newline`` embedding after each feature row
+    c.tile_embedding = "grid"  # modulation (LaVi-HD): "grid" (learned tile-position embedding) | "temporal"
+    c.update(overrides)
+    return c
+
+
 def model(**overrides) -> ConfigDict:
     """The whole LaVi model."""
     c = ConfigDict()
@@ -103,6 +122,7 @@ def model(**overrides) -> ConfigDict:
     c.scan_layers = False
     c.remat_policy = "none"  # "none" | "full" | "dots" | "dots_with_no_batch_dims"
     c.attention = "auto"  # "auto" (splash on TPU, cudnn on GPU, xla on CPU) | "xla" | "splash" | "cudnn"
+    c.anyres = anyres()
     c.update(overrides)
     return c
 

@@ -44,6 +44,10 @@ are read back instead of running the vision tower.
   token), so the two fusions are interchangeable for losses and evaluation.
 * ``fusion="none"``: a text-only LLM (no vision parameters).
 
+With ``config.anyres.enabled``, ``image_sizes`` int32 [B, N, 2] gives each image
+item's original (height, width) ((0, 0) for videos and padding); an image item's
+frames are its whole image and its crops (:mod:`lavi_jax.models.anyres`).
+
 The module holds ``config`` as an immutable ``FrozenConfigDict``: changing the
 caller's ConfigDict afterwards does not change a built model.
 """
@@ -100,14 +104,15 @@ class LaVi(nn.Module):
         return self.projector(feats.reshape((B, N, F) + feats.shape[1:]))
 
     def __call__(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
-                 logits_at=None, segment_ids=None) -> jax.Array:
+                 logits_at=None, segment_ids=None, image_sizes=None) -> jax.Array:
         """Logits [B, T, vocab] float32 ([B, T', vocab] with ``logits_at``)."""
         return self.forward(input_ids, pixel_values, item_mask, attention_mask=attention_mask,
-                            position_ids=position_ids, logits_at=logits_at, segment_ids=segment_ids).logits
+                            position_ids=position_ids, logits_at=logits_at, segment_ids=segment_ids,
+                            image_sizes=image_sizes).logits
 
     def forward(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
                 cache=None, cache_index=None, use_visual_cache: bool = False, logits_at=None,
-                segment_ids=None) -> DecoderOutput:
+                segment_ids=None, image_sizes=None) -> DecoderOutput:
         """The full output: logits and hidden at the text positions, and the updated KV cache when given."""
         c = self.config
         B, T = input_ids.shape
@@ -123,7 +128,7 @@ class LaVi(nn.Module):
             attention_mask = jnp.ones(input_ids.shape if cache is None or concat else (B, cache["k"].shape[2]), jnp.int32)
         if concat:
             return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at,
-                                segment_ids)
+                                segment_ids, image_sizes)
 
         start = 0 if cache_index is None else cache_index
         query_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -149,7 +154,7 @@ class LaVi(nn.Module):
                         segment_ids=segment_ids)
 
     def _concat(self, input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at,
-                segment_ids=None):
+                segment_ids=None, image_sizes=None):
         """LLaVA-style: splice each item's visual tokens in place of its placeholder."""
         c = self.config
         B, N = pixel_values.shape[:2]
