@@ -7,8 +7,14 @@
 Run the same command on every host of a pod; pass --coordinator_address,
 --num_processes and --process_id where JAX cannot detect them (CPU, bare GPU
 clusters). ``--config.dry_run=True`` compiles the step and prints its memory
-and FLOPs per device without allocating weights. The synthetic demo is ``demo.py``.
+and FLOPs per device without allocating weights; ``--config.dry_run_topology=v5e:8x8``
+does so for a TPU slice from any host (needs libtpu, see the README), writes
+``<workdir>/dry_run.json`` and exits with status 3 when a program does not fit
+the chips' HBM. The synthetic demo is ``demo.py``.
 """
+
+import os
+import sys
 
 
 import jax
@@ -26,9 +32,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     distributed.start_from_flags()
-    if FLAGS.config.dry_run:
-        train.dry_run(FLAGS.config)
-        return
+    if FLAGS.config.dry_run or FLAGS.config.dry_run_topology:
+        try:
+            report = train.dry_run(FLAGS.config, report_path=os.path.join(FLAGS.workdir, "dry_run.json"))
+        except (train.TopologyError, ValueError) as e:
+            sys.exit(f"dry run: {e}")
+        sys.exit(3 if report["fits"] is False else 0)
     _, metrics = train.train(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})

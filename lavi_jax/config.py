@@ -216,6 +216,10 @@ def experiment(model_config: ConfigDict) -> ConfigDict:
     c.init = ConfigDict({"checkpoint": "", "hf_llm": "", "hf_vision": ""})  # used when the workdir has no checkpoint
     c.evals = evals()
     c.dry_run = False  # compile the train step and print per-device memory and FLOPs instead of training
+    # Compile for a TPU slice from any host (needs libtpu, no TPU): "v5e:8x8", "v5p:4x4x4", ... ("": the devices
+    # at hand). Implies dry_run. Chips, HBM and peaks: lavi_jax/train/topology.py.
+    c.dry_run_topology = ""
+    c.dry_run_programs = "train"  # comma-separated: train, prefill, decode (generation at the evals batch size)
     return c
 
 

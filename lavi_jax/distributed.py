@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -32,9 +33,27 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
+def skip_absent_tpu() -> None:
+    """On a host with libtpu installed (the TPU compiler, for dry runs) but no TPU chip and no NVIDIA GPU, runs
+    on the CPU: JAX would otherwise start the TPU runtime first, print its warnings and hold libtpu's host-wide
+    lock file. ``JAX_PLATFORMS``, when set, decides instead."""
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return
+    try:
+        from jax._src import hardware_utils
+
+        if (importlib.util.find_spec("libtpu") is None or hardware_utils.num_available_tpu_chips_and_device_id()[0]
+                or hardware_utils.has_visible_nvidia_gpu()):
+            return
+    except (ImportError, AttributeError):
+        return
+    jax.config.update("jax_platforms", "cpu")
+
+
 def start_from_flags() -> None:
     """For a command line's ``main``: quietens logging (orbax and grain are chatty at INFO) unless ``--verbosity``
     was given, then joins the run's processes as the flags of :func:`define_flags` say."""
+    skip_absent_tpu()
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS

@@ -77,6 +77,32 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names, rules=RULES)
 
 
+def current_mesh():
+    """The mesh of the enclosing :func:`use_mesh` (an ``AbstractMesh`` inside a trace), or None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for: the current mesh's devices' (``"tpu"`` when compiling
+    for a TPU topology from a CPU host), else the default backend's."""
+    mesh = current_mesh()
+    device = None if mesh is None else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> PartitionSpec:
+    """The ``PartitionSpec`` of logical axis ``names`` on the current mesh; with ``shape``, a dimension whose
+    size the mesh axes do not divide is left replicated (for ``shard_map`` specs, which must divide)."""
+    spec = list(nn.logical_to_mesh_axes(names, RULES))
+    mesh = current_mesh()
+    if shape is not None and mesh is not None:
+        for i, axes in enumerate(spec):
+            if axes is not None and shape[i] % math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)):
+                spec[i] = None
+    return PartitionSpec(*spec)
+
+
 def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
     """Tree of logical ``PartitionSpec`` -> tree of ``NamedSharding`` on ``mesh``."""
     return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)

@@ -76,7 +76,7 @@ def test_fallbacks_to_xla():
     assert implementation_for("splash", "tpu", q, kv, bf16, aligned=True) == "splash"
     assert implementation_for("splash", "tpu", q, kv, bf16, aligned=False) == "xla"  # a KV-cached call
     assert implementation_for("splash", "tpu", (2, 1, 4, 64), kv, bf16, aligned=False) == "xla"  # decode step
-    assert implementation_for("splash", "tpu", (2, 100, 4, 64), (2, 100, 2, 64), bf16, aligned=True) == "xla"
+    assert implementation_for("splash", "tpu", (2, 100, 4, 64), (2, 100, 2, 64), bf16, aligned=True) == "splash"  # padded
     assert implementation_for("cudnn", "gpu", q, kv, bf16, aligned=True) == "cudnn"
     assert implementation_for("cudnn", "gpu", q, kv, f32, aligned=True) == "xla"
     assert implementation_for("cudnn", "cpu", q, kv, bf16, aligned=True) == "xla"

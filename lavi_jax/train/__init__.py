@@ -3,9 +3,11 @@
     from lavi_jax import train
     state, metrics = train.train(config, workdir)
     report = train.dry_run(config)          # compile only: memory and FLOPs per device
+    report = train.dry_run(config, topology="v5e:8x8", programs=("train", "prefill", "decode"))
 """
 
 from lavi_jax.train.dry_run import dry_run
+from lavi_jax.train.topology import TopologyError
 from lavi_jax.train.loop import NonFiniteError, initial_params, train
 from lavi_jax.train.optimizer import (STAGES, init_opt_state, is_trainable, learning_rate_schedule, lr_multiplier,
                                       make_optimizer, merge, partition, scale_by_path, trainable_patterns)

@@ -1,7 +1,38 @@
-"""Sizing a run without running it: compile the train step on abstract inputs, report memory and FLOPs."""
+"""Sizing a run without running it: compile its programs on abstract inputs, report memory, FLOPs and time bounds.
+
+    report = dry_run(config)                                  # config.mesh over the devices at hand
+    report = dry_run(config, topology="v5e:8x8",              # for a TPU slice, from a CPU host
+                     programs=("train", "prefill", "decode"))
+
+Programs (``config.dry_run_programs``):
+
+* ``train``: the train step for the global batch ``config.train.batch_size`` at
+  the largest ``config.data.seq_buckets`` bucket (one batch of ``max_images``
+  items of ``num_frames`` frames per row);
+* ``prefill`` / ``decode``: :class:`lavi_jax.generate.Generator`'s prefill of a
+  prompt of that bucket length at the eval batch size (``config.evals.batch_size``,
+  0: the train batch) and one cached decode step at the final cache length
+  (``config.evals.max_new_tokens`` new tokens), counted ``max_new_tokens - 1`` times.
+
+Per program and chip: parameters, optimizer state, XLA's temp / argument /
+output sizes and their peak (arguments + outputs + temp - donated), against
+the chip's HBM for a TPU topology (:mod:`lavi_jax.train.topology`).
+
+FLOPs: XLA counts a loop body once, so the compiled program's own figure
+misses ``n - 1`` of the n scanned layer blocks and micro-batches. The reported
+FLOPs are XLA's cost analysis of the same program lowered for one CPU device
+with every loop unrolled (``scan_layers=False``, ``grad_accum=1``) and
+``attention="xla"`` (a splash kernel skips masked blocks, so the figure counts
+the full attention score matrix), divided evenly over the chips. The step-time
+lower bound is those FLOPs at the chip's nominal bf16 peak; the compiler's own
+time estimate (``optimal_seconds``) is kept only for a program without loops.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
 
 import jax
@@ -10,7 +41,13 @@ import numpy as np
 
 from lavi_jax import sharding
 from lavi_jax.data.batch import BatchSpec
+from lavi_jax.generate import Generator
+from lavi_jax.models.lavi import LaVi
+from lavi_jax.train import topology as topo
 from lavi_jax.train.step import jit_train_step
+
+PROGRAMS = ("train", "prefill", "decode")
+MEMORY_KEYS = ("params", "opt_state", "arguments", "outputs", "temp", "peak")
 
 
 def bytes_per_device(tree) -> int:
@@ -18,45 +55,238 @@ def bytes_per_device(tree) -> int:
     return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def dry_run(config, mesh=None) -> dict:
-    """Compiles ``config``'s train step for its global batch at the largest bucket on ``mesh`` (default:
-    ``config.mesh`` over the devices at hand, real or fake); prints and returns per-device memory and FLOPs
-    per step. Nothing is allocated."""
-    c = config.train
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
+
+
+def _cost(stage) -> dict:
+    cost = stage.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def _memory(compiled, **known) -> dict:
+    """Per-device bytes of a compiled program; ``known`` adds breakdowns of its arguments (params, opt_state)."""
+    m = compiled.memory_analysis()
+    out = dict(known, arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
+               temp=int(m.temp_size_in_bytes), donated=int(m.alias_size_in_bytes))
+    out["peak"] = out["arguments"] + out["outputs"] + out["temp"] - out["donated"]
+    return out
+
+
+def _measured(compiled, seconds: float, flops_total: float, devices: int, chip, **memory) -> dict:
+    """One program's report: memory, FLOPs, the time bounds."""
+    cost = _cost(compiled)
+    r = {"bytes_per_device": _memory(compiled, **memory), "compile_seconds": round(seconds, 1),
+         "flops": flops_total, "flops_per_device": flops_total / devices,
+         "compiler_flops_per_device_loops_once": float(cost.get("flops", 0.0))}
+    estimate = float(cost.get("optimal_seconds", -1.0))
+    has_loop = re.search(r"\bwhile\(", compiled.as_text() or "") is not None
+    r["compiler_seconds_estimate"] = estimate if estimate > 0 and not has_loop else None
+    if chip is not None:
+        r["hbm_bytes"] = chip.hbm_bytes
+        r["fits"] = r["bytes_per_device"]["peak"] <= chip.hbm_bytes
+        r["headroom_bytes"] = chip.hbm_bytes - r["bytes_per_device"]["peak"]
+        r["seconds_lower_bound"] = r["flops_per_device"] / chip.peak_bf16_flops
+    return r
+
+
+def _unrolled(config):
+    """A copy of ``config`` whose programs have no loops (for counting FLOPs) and XLA attention."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.update(scan_layers=False, attention="xla")
+        c.train.grad_accum = 1
+    return c
+
+
+def _cpu_mesh():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices("cpu")[:1])
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _train_lowered(config, mesh):
     program = jit_train_step(config, mesh)
-    mesh, step_fn = program.mesh, program.fn
-    spec = BatchSpec.from_config(config, c.batch_size)
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
+    spec = BatchSpec.from_config(config, config.train.batch_size)
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(program.mesh, len(shape)))
              for k, (shape, dt) in spec.shapes().items()}
-    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), program.abstract, program.shardings)
+    state = _with_shardings(program.abstract, program.shardings)
+    with sharding.use_mesh(program.mesh):
+        return program.fn.lower(state, batch), state, spec
+
+
+def train_program(config, mesh, chip) -> dict:
     t0 = time.time()
+    lowered, state, spec = _train_lowered(config, mesh)
+    compiled = lowered.compile()
+    seconds = time.time() - t0
+    flops = float(_cost(_train_lowered(_unrolled(config), _cpu_mesh())[0]).get("flops", 0.0))
+    r = _measured(compiled, seconds, flops, mesh.size, chip, params=bytes_per_device(state.params),
+                  opt_state=bytes_per_device(state.opt_state))
+    r.update(global_batch=int(config.train.batch_size), seq_len=spec.seq_len, grad_accum=int(config.train.grad_accum),
+             tokens=int(config.train.batch_size) * spec.seq_len)
+    if "seconds_lower_bound" in r:
+        r["tokens_per_second_upper_bound"] = r["tokens"] / r["seconds_lower_bound"]
+    return r
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _generation_inputs(config, mesh, batch: int, prompt_len: int, frames: int):
+    """Abstract (params, ids, mask, pixels, item_mask), the batch sharded where it divides over the mesh."""
+    m, d = config.model, config.data
+    model = LaVi(m)
+    shapes, specs = sharding.abstract_params(model, jnp.zeros((1, 8), jnp.int32))
+    params = _with_shardings(shapes, sharding.logical_to_sharding(specs, mesh))
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def arr(shape, dt):
+        sh = sharding.batch_sharding(mesh, len(shape)) if shape[0] % rows == 0 else sharding.replicated(mesh)
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+
+    ids, mask = arr((batch, prompt_len), jnp.int32), arr((batch, prompt_len), jnp.int32)
+    pix = im = None
+    if m.fusion != "none":
+        s = m.vision.image_size
+        pix = arr((batch, int(d.max_images), frames, s, s, 3), jnp.float32)
+        im = arr((batch, int(d.max_images), frames), jnp.bool_)
+    return model, params, (ids, mask, pix, im)
+
+
+def _generation_lowered(config, mesh, batch, prompt_len, frames, new_tokens):
+    """(prefill lowered, decode-step lowering function of the prefill's compiled outputs)."""
+    model, params, inputs = _generation_inputs(config, mesh, batch, prompt_len, frames)
+    gen = Generator(model, max_new_tokens=new_tokens)
     with sharding.use_mesh(mesh):
-        compiled = step_fn.lower(state, batch).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    report = {
-        "devices": int(mesh.size), "mesh": dict(mesh.shape), "global_batch": c.batch_size, "seq_len": spec.seq_len,
-        "params_bytes_per_device": bytes_per_device(state.params),
-        "opt_state_bytes_per_device": bytes_per_device(state.opt_state),
-        "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", 0)),
-        "argument_bytes_per_device": int(getattr(mem, "argument_size_in_bytes", 0)),
-        "output_bytes_per_device": int(getattr(mem, "output_size_in_bytes", 0)),
-        # XLA counts a loop body once; the micro-batch scan runs it grad_accum times (the update outside
-        # the loop is then over-counted, by far less than a micro-batch's forward and backward).
-        "flops_per_step_per_device": float(cost.get("flops", 0.0)) * int(c.get("grad_accum", 1)),
-        "compile_seconds": round(time.time() - t0, 1),
-    }
-    report["flops_per_step"] = report["flops_per_step_per_device"] * mesh.size
+        prefill = jax.jit(gen.prefill).lower(params, *inputs)
+
+    def step(state):  # the decode step Generator.stream runs, at the final cache length
+        cache, rest = state["cache"], {k: v for k, v in state.items() if k != "cache"}
+        rep = sharding.replicated(mesh)
+        vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
+        scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)
+        rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+        fn = jax.jit(gen._step_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
+        with sharding.use_mesh(mesh):
+            return fn.lower(params, cache, rest, vec, jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rep), rng,
+                            scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32), greedy=True, top_k=0)
+
+    return prefill, step, params
+
+
+def generation_programs(config, mesh, chip, *, batch: int, prompt_len: int, frames: int, new_tokens: int,
+                        programs=("prefill", "decode")) -> dict:
+    """Reports of Generator's prefill and ``new_tokens - 1`` decode steps (one compiled step, its FLOPs
+    counted that many times) for ``batch`` prompts of ``prompt_len`` tokens with ``frames`` frames per item."""
+    t0 = time.time()
+    prefill, step, params = _generation_lowered(config, mesh, batch, prompt_len, frames, new_tokens)
+    prefill_c = prefill.compile()
+    t_prefill = time.time() - t0
+    f_pre, f_step_fn, _ = _generation_lowered(_unrolled(config), _cpu_mesh(), batch, prompt_len, frames, new_tokens)
+    f_state = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), f_pre.out_info)
+    out = {}
+    setting = dict(batch=batch, prompt_len=prompt_len, frames_per_item=frames, new_tokens=new_tokens)
+    if "prefill" in programs:
+        out["prefill"] = dict(_measured(prefill_c, t_prefill, float(_cost(f_pre).get("flops", 0.0)), mesh.size, chip,
+                                        params=bytes_per_device(params)), **setting)
+    if "decode" in programs:
+        t0 = time.time()
+        step_c = step(prefill_c.out_info).compile()
+        steps = new_tokens - 1
+        f_step = float(_cost(f_step_fn(f_state)).get("flops", 0.0))
+        r = _measured(step_c, time.time() - t0, f_step * steps, mesh.size, chip, params=bytes_per_device(params))
+        r["steps"] = steps
+        if r["compiler_seconds_estimate"] is not None:
+            r["compiler_seconds_estimate"] *= steps
+        if "seconds_lower_bound" in r:
+            r["seconds_lower_bound_per_step"] = r["seconds_lower_bound"] / max(steps, 1)
+        out["decode"] = dict(r, **setting)
+    return out
+
+
+# ----------------------------------------------------------------------------- the dry run
+
+
+def parse_programs(value) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in (value.split(",") if isinstance(value, str) else value) if x.strip())
+    bad = [x for x in names if x not in PROGRAMS]
+    if bad or not names:
+        raise ValueError(f"dry_run_programs={value!r}: expected a comma-separated subset of {', '.join(PROGRAMS)}")
+    return names
+
+
+def dry_run(config, mesh=None, *, topology: str | None = None, programs=None, report_path: str | None = None) -> dict:
+    """Compiles ``config``'s programs (default ``config.dry_run_programs``) on ``mesh`` (default: ``config.mesh``
+    over the chips of ``topology``, default ``config.dry_run_topology``, or over the devices at hand); prints
+    and returns the report and writes it as JSON to ``report_path`` when given. Nothing is allocated.
+
+    Raises :class:`lavi_jax.train.topology.TopologyError` (one-line message) for an unknown topology,
+    missing libtpu or a mesh that does not divide the topology."""
+    topology = config.get("dry_run_topology", "") if topology is None else topology
+    programs = parse_programs(config.get("dry_run_programs", "train") if programs is None else programs)
+    if mesh is None:
+        mesh = topo.make_mesh(config.mesh.to_dict(), topology) if topology else sharding.make_mesh(config.mesh.to_dict())
+    chip = topo.chip_of(mesh)
+    m = config.model
+    report = {"topology": topology or None, "devices": int(mesh.size), "mesh": dict(mesh.shape),
+              "device_kind": getattr(mesh.devices.flat[0], "device_kind", ""),
+              "dtype": m.dtype, "param_dtype": m.param_dtype, "attention": m.get("attention", "auto"),
+              "scan_layers": bool(m.scan_layers), "remat_policy": m.remat_policy, "programs": {}}
+    if chip is not None:
+        report["chip"] = {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "peak_bf16_flops": chip.peak_bf16_flops}
+    if "train" in programs:
+        report["programs"]["train"] = train_program(config, mesh, chip)
+    gen = [p for p in programs if p != "train"]
+    if gen:
+        ev = config.evals
+        report["programs"].update(generation_programs(
+            config, mesh, chip, batch=int(ev.batch_size or config.train.batch_size),
+            prompt_len=int(max(config.data.seq_buckets)), frames=int(config.data.num_frames),
+            new_tokens=int(ev.max_new_tokens), programs=gen))
+    fits = [r["fits"] for r in report["programs"].values() if "fits" in r]
+    report["fits"] = all(fits) if fits else None
+    if "train" in report["programs"]:  # the train step's figures at the top level, as before topologies
+        t = report["programs"]["train"]
+        b = t["bytes_per_device"]
+        report.update({f"{k}_bytes_per_device": b[k] for k in ("params", "opt_state", "temp")},
+                      argument_bytes_per_device=b["arguments"], output_bytes_per_device=b["outputs"],
+                      global_batch=t["global_batch"], seq_len=t["seq_len"], flops_per_step=t["flops"],
+                      flops_per_step_per_device=t["flops_per_device"], compile_seconds=t["compile_seconds"])
     if jax.process_index() == 0:
-        gib = lambda b: f"{b / 2**30:8.3f} GiB"
-        print(f"dry run: mesh {report['mesh']}, {report['devices']} devices, global batch {c.batch_size} x "
-              f"{spec.seq_len} tokens")
-        for k in ("params_bytes_per_device", "opt_state_bytes_per_device", "temp_bytes_per_device",
-                  "argument_bytes_per_device", "output_bytes_per_device"):
-            print(f"  {k.replace('_bytes_per_device', ''):<12} {gib(report[k])} per device")
-        print(f"  flops/step   {report['flops_per_step']:.3e} ({report['flops_per_step_per_device']:.3e} per device)"
-              + ("  [scan_layers: XLA counts the scanned layer stack once; use scan_layers=False for the total]"
-                 if config.model.scan_layers else ""))
-        print(f"  compiled in {report['compile_seconds']} s")
+        print(format_report(report))
+        if report_path:
+            os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+            with open(report_path, "w") as f:
+                json.dump(report, f, indent=1)
+                f.write("\n")
+            print(f"  report: {report_path}")
     return report
+
+
+def format_report(r: dict) -> str:
+    gib = lambda b: f"{b / 2**20:.1f} MiB" if abs(b) < 2**30 else f"{b / 2**30:.2f} GiB"
+    where = f"TPU topology {r['topology']} ({r['device_kind']})" if r["topology"] else f"{r['device_kind'] or 'devices'}"
+    lines = [f"dry run: {where}, {r['devices']} devices, mesh {r['mesh']}, compute {r['dtype']}, params "
+             f"{r['param_dtype']}, attention {r['attention']}"]
+    if "chip" in r:
+        lines[0] += f"; per chip {gib(r['chip']['hbm_bytes']).strip()} HBM, {r['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16"
+    for name, p in r["programs"].items():
+        what = (f"global batch {p['global_batch']} x {p['seq_len']} tokens" if name == "train" else
+                f"batch {p['batch']}, prompt {p['prompt_len']}, {p['frames_per_item']} frame(s) per item"
+                + (f", {p['steps']} steps" if name == "decode" else ""))
+        lines.append(f"  {name}: {what} (compiled in {p['compile_seconds']} s)")
+        b = p["bytes_per_device"]
+        lines.append("    per device: " + ", ".join(f"{k} {gib(b[k]).strip()}" for k in MEMORY_KEYS if k in b))
+        if "fits" in p:
+            lines.append(f"    {'fits' if p['fits'] else 'DOES NOT FIT'}: peak {gib(b['peak']).strip()} of "
+                         f"{gib(p['hbm_bytes']).strip()} HBM, headroom {gib(p['headroom_bytes']).strip()}")
+        lines.append(f"    FLOPs {p['flops']:.3e} ({p['flops_per_device']:.3e} per device, every layer counted)")
+        if "seconds_lower_bound" in p:
+            extra = (f", {p['tokens_per_second_upper_bound']:,.0f} tokens/s at most"
+                     if "tokens_per_second_upper_bound" in p else "")
+            lines.append(f"    time at peak >= {p['seconds_lower_bound'] * 1e3:.3g} ms{extra}")
+        if p["compiler_seconds_estimate"] is not None:
+            lines.append(f"    compiler's estimate {p['compiler_seconds_estimate'] * 1e3:.3g} ms")
+    return "\n".join(lines)
