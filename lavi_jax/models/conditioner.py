@@ -26,6 +26,13 @@ Variants (``conditioner.type``), with ``M_t`` the set of visual tokens t sees:
 * ``conv``: as ``mlp`` with ``v_s`` replaced by ``gelu(Conv_kxk(V))_s``, a
   ``conv_kernel`` x ``conv_kernel`` convolution over each frame's token grid.
 
+The attention variant runs through :func:`lavi_jax.models.attention.attention`
+with ``config.model.attention``: ``cudnn`` where cuDNN's constraints hold (GPU,
+bf16 / fp16), ``xla`` otherwise. ``splash`` (and ``auto`` on TPU) is served by
+``xla`` here: the text queries attend to visual keys (T != S, not aligned), and
+the mask depends on each query's position relative to each item's placeholder,
+which splash's static mask tables and segment ids cannot express.
+
 Visual keys/values (attention) or visual summaries (mlp, conv) are computed
 once: when the ``visual_cache`` collection is mutable they are stored there, and
 when it is given read-only (cached decoding) they are read instead of
@@ -42,6 +49,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from lavi_jax import sharding
+from lavi_jax.models.attention import AttentionMask, attention
 from lavi_jax.models.layers import dense
 
 NO_ITEM = jnp.iinfo(jnp.int32).max  # key_index of padding: never visible
@@ -82,6 +90,7 @@ class Conditioner(nn.Module):
     features: int  # D, the LLM width
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # config.model.attention (the attention variant)
 
     def _cached(self, name: str, compute):
         """Value from ``visual_cache`` when given read-only, else computed (and stored when mutable)."""
@@ -110,7 +119,8 @@ class Conditioner(nn.Module):
             visible = _visible(cache["key_index"], visual.query_index, cache["k"].shape[1] // cache["key_index"][0].size,
                                visual.key_segment, visual.query_segment)
             q = dense((heads, head_dim), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
-            a = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible[:, None], scale=head_dim**-0.5)
+            a = attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), AttentionMask.explicit(visible),
+                          scale=head_dim**-0.5, implementation=self.attention)
             out = dense((n_out, self.features), ("heads", "head_dim", None, "embed"), axis=(-2, -1), name="o_proj",
                         kernel_init=nn.initializers.zeros_init(), use_bias=True, **kw)(a)
             out = jnp.where(visible.any(-1)[:, :, None, None], out, 0)

@@ -131,6 +131,7 @@ class RMSNorm(nn.Module):
     param_dtype: Any = jnp.float32
     conditioner: Any = None  # conditioner ConfigDict, or None for a plain RMSNorm
     shared: Optional[nn.Module] = None  # a Conditioner owned elsewhere (conditioner.shared)
+    attention: str = "auto"  # config.model.attention, for an attention conditioner
 
     @nn.compact
     def __call__(self, x: jax.Array, visual: VisualContext | None = None) -> jax.Array:
@@ -139,7 +140,8 @@ class RMSNorm(nn.Module):
         normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
         if self.conditioner is None or visual is None:
             return (w * normed).astype(self.dtype)
-        cond = self.shared or Conditioner(self.conditioner, features=x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="conditioner")
+        cond = self.shared or Conditioner(self.conditioner, features=x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                                          attention=self.attention, name="conditioner")
         dgamma, dbeta = cond(normed, visual)
         scale = w if dgamma is None else w + dgamma
         out = normed * scale
@@ -221,7 +223,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, h, positions, mask, visual=None, cache=None, cache_index=None):
         c = self.cfg
         norms = () if self.cond is None else tuple(self.cond.norms)
-        kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, shared=self.shared)
+        kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, shared=self.shared, attention=self.attention)
         x = RMSNorm(conditioner=self.cond if "attn" in norms else None, name="input_layernorm", **kw)(h, visual)
         attn, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention, name="self_attn")(x, positions, mask, cache, cache_index)
         h = sharding.constrain(h + attn, ("batch", "length", "embed"))
@@ -281,7 +283,8 @@ class Decoder(nn.Module):
         if self.cond is not None and self.cond.shared and mod:
             if self.scan_layers:
                 raise ValueError("conditioner.shared=True is not supported with scan_layers=True")
-            shared = Conditioner(self.cond, features=c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="shared_conditioner")
+            shared = Conditioner(self.cond, features=c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 attention=self.attention, name="shared_conditioner")
         block_cls, layer_cls = Block, DecoderLayer
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
@@ -303,7 +306,8 @@ class Decoder(nn.Module):
                 for i in range(c.num_layers)
             ]
         final_cond = self.cond if (self.cond is not None and self.cond.final_norm) else None
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, conditioner=final_cond, shared=shared)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, conditioner=final_cond, shared=shared,
+                            attention=self.attention)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype)
 

@@ -93,7 +93,7 @@ class LaVi(nn.Module):
         self.llm = Decoder(c.llm, c.conditioner if modulation else None, dt, pdt, c.scan_layers, c.remat_policy,
                            c.get("attention", "auto"))  # configs saved before the knob existed lack it
         if c.fusion != "none":
-            self.vision = VisionTower(c.vision, dt, pdt)
+            self.vision = VisionTower(c.vision, dt, pdt, c.get("attention", "auto"))
             width = c.conditioner.width if modulation else c.llm.hidden_size
             self.projector = Projector(c.projector, width, "cond_embed" if modulation else "embed", dt, pdt)
 

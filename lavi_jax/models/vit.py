@@ -6,7 +6,11 @@ features the LLM side consumes: the hidden states listed in
 ``cfg.feature_layers`` (indices into HF's ``hidden_states`` tuple, where 0 is
 the embedding output and -1 the last layer before ``post_layernorm``),
 concatenated along features, [B, P, D * len(feature_layers)]. CLIP's CLS
-token is dropped when ``cfg.drop_cls``.
+token is dropped when ``cfg.drop_cls``. Self-attention is bidirectional and
+unmasked, through :func:`lavi_jax.models.attention.attention` with
+``config.model.attention`` (``attention``): splash with a full mask (the
+patches padded to a multiple of 128, e.g. 729 -> 768, padding unseen), cuDNN,
+or XLA.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lavi_jax import sharding
+from lavi_jax.models.attention import AttentionMask, attention
 from lavi_jax.models.layers import ACTIVATIONS, dense
 
 _ACT = {"siglip": "gelu_pytorch_tanh", "clip": "quick_gelu"}
@@ -71,6 +76,7 @@ class EncoderLayer(nn.Module):
     cfg: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h):
@@ -80,7 +86,7 @@ class EncoderLayer(nn.Module):
         q = dense((heads, head_dim), ("vit_embed", "vit_heads", "head_dim"), name="q_proj", **kw)(x)
         k = dense((heads, head_dim), ("vit_embed", "vit_heads", "head_dim"), name="k_proj", **kw)(x)
         v = dense((heads, head_dim), ("vit_embed", "vit_heads", "head_dim"), name="v_proj", **kw)(x)
-        a = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        a = attention(q, k, v, AttentionMask.bidirectional(), scale=head_dim**-0.5, implementation=self.attention)
         h = h + dense(c.hidden_size, ("vit_heads", "head_dim", "vit_embed"), axis=(-2, -1), name="out_proj", **kw)(a)
         x = _layer_norm(c, "layer_norm2", self.dtype, self.param_dtype)(h)
         x = dense(c.intermediate_size, ("vit_embed", "vit_mlp"), name="fc1", **kw)(x)
@@ -93,6 +99,7 @@ class VisionTower(nn.Module):
     cfg: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # config.model.attention
 
     @nn.compact
     def __call__(self, pixels: jax.Array, return_all: bool = False):
@@ -121,7 +128,7 @@ class VisionTower(nn.Module):
             h = _layer_norm(c, "pre_layrnorm", self.dtype, self.param_dtype)(h)
         hidden_states = [h]
         for i in range(c.num_layers):
-            h = EncoderLayer(c, self.dtype, self.param_dtype, name=f"layers_{i}")(h)
+            h = EncoderLayer(c, self.dtype, self.param_dtype, self.attention, name=f"layers_{i}")(h)
             hidden_states.append(h)
         post = _layer_norm(c, "post_layernorm", self.dtype, self.param_dtype)(h)
         if return_all:
