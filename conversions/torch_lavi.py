@@ -17,7 +17,10 @@ processor-normalised), ``item_mask`` [B, N, F]; returns float logits [B, T, voca
 where token t sees item k iff item k's placeholder sits at or before t, and a
 token that sees no item gets zero deltas. Conditioners: ``attention``, ``mlp``,
 ``conv``; projector: ``mlp2x_gelu`` / ``linear`` with average pooling and a
-temporal embedding. ``fusion="concat"``: each placeholder is replaced by its
+temporal embedding; LaVi-HD (``anyres`` with ``tile_embedding="grid"``) adds a
+tile-position embedding to the frames of anyres image items, whose crop grid
+comes from ``image_sizes`` [B, N, 2] through transformers'
+``get_anyres_image_grid_shape``. ``fusion="concat"``: each placeholder is replaced by its
 item's projected visual tokens (logits returned at the text positions).
 Only torch, transformers and safetensors are needed.
 """
@@ -39,9 +42,9 @@ NO_ITEM = 2**31 - 1
 class Projector(nn.Module):
     """Visual features [B, N, F, P, D] -> (tokens [B, N, F, P', width], grid)."""
 
-    def __init__(self, cfg: dict, in_features: int, width: int):
+    def __init__(self, cfg: dict, in_features: int, width: int, tile_grid: tuple[int, int] = (0, 0)):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tile_grid = cfg, tuple(tile_grid)
         self.linear_1 = nn.Linear(in_features, width)
         if cfg["type"] == "mlp2x_gelu":
             self.linear_2 = nn.Linear(width, width)
@@ -49,8 +52,27 @@ class Projector(nn.Module):
             raise ValueError(f"unknown projector.type {cfg['type']!r}")
         if cfg["temporal_embedding"]:
             self.temporal_embedding = nn.Parameter(torch.zeros(cfg["max_frames"], width))
+        if self.tile_grid != (0, 0):
+            self.tile_base_embedding = nn.Parameter(torch.zeros(width))
+            self.tile_row_embedding = nn.Parameter(torch.zeros(self.tile_grid[0], width))
+            self.tile_col_embedding = nn.Parameter(torch.zeros(self.tile_grid[1], width))
 
-    def forward(self, feats: torch.Tensor):
+    def tile_embedding(self, Fr: int, tile_cols: list[list[int]]) -> torch.Tensor:
+        """[B, N, F, width]: frame 0 the base embedding, frame f >= 1 crop (f - 1) of a row-major grid."""
+        rows = []
+        for item_cols in tile_cols:
+            items = []
+            for cols in item_cols:
+                frames = [self.tile_base_embedding]
+                for f in range(1, Fr):
+                    r, c = divmod(f - 1, max(cols, 1))
+                    r, c = min(r, self.tile_grid[0] - 1), min(c, self.tile_grid[1] - 1)
+                    frames.append(self.tile_row_embedding[r] + self.tile_col_embedding[c])
+                items.append(torch.stack(frames))
+            rows.append(torch.stack(items))
+        return torch.stack(rows)
+
+    def forward(self, feats: torch.Tensor, tile_cols: list[list[int]] | None = None):
         B, N, Fr, P, D = feats.shape
         side = math.isqrt(P)
         x, pool = feats, self.cfg["pool"]
@@ -62,8 +84,16 @@ class Projector(nn.Module):
         x = self.linear_1(x)
         if self.cfg["type"] == "mlp2x_gelu":
             x = self.linear_2(F.gelu(x))
-        if self.cfg["temporal_embedding"]:
-            x = x + self.temporal_embedding[:Fr][None, None, :, None, :]
+        temporal = 0
+        if self.cfg["temporal_embedding"]:  # frames past max_frames are image crops (tile-embedded) or padding
+            frames = torch.arange(Fr).clamp(max=self.cfg["max_frames"] - 1)
+            temporal = self.temporal_embedding[frames][None, None, :, None, :]
+        if self.tile_grid != (0, 0):
+            tile_cols = tile_cols or [[0] * N for _ in range(B)]
+            image = torch.tensor(tile_cols)[:, :, None, None, None] > 0
+            x = x + torch.where(image, self.tile_embedding(Fr, tile_cols)[:, :, :, None, :], temporal)
+        else:
+            x = x + temporal
         return x, (side, side)
 
 
@@ -149,7 +179,13 @@ class LaViReference(nn.Module):
         vcfg = vision.config
         in_features = vcfg.hidden_size * len(m["vision"]["feature_layers"])
         hidden = llm.config.hidden_size
-        self.projector = Projector(m["projector"], in_features, m["conditioner"]["width"] if self.fusion == "modulation" else hidden)
+        anyres = m.get("anyres") or {}
+        self.hd = self.fusion == "modulation" and anyres.get("enabled") and anyres.get("tile_embedding") == "grid"
+        tile = m["vision"]["image_size"]
+        tile_grid = (max(h // tile for h, _ in anyres["pinpoints"]), max(w // tile for _, w in anyres["pinpoints"])) \
+            if self.hd else (0, 0)
+        self.projector = Projector(m["projector"], in_features,
+                                   m["conditioner"]["width"] if self.fusion == "modulation" else hidden, tile_grid)
         if self.fusion == "modulation":
             cond = m["conditioner"]
             if cond["shared"]:
@@ -238,7 +274,18 @@ class LaViReference(nn.Module):
 
         return hook
 
-    def encode(self, pixel_values: torch.Tensor):
+    def tile_cols(self, image_sizes) -> list[list[int]] | None:
+        """Crop-grid columns of each image item (HF's grid shape), 0 for videos and padding ((0, 0) sizes)."""
+        if not self.hd or image_sizes is None:
+            return None
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        m = self.lavi["model"]
+        pinpoints = [list(p) for p in m["anyres"]["pinpoints"]]
+        return [[get_anyres_image_grid_shape((int(h), int(w)), pinpoints, m["vision"]["image_size"])[1] if h > 0 else 0
+                 for h, w in row] for row in torch.as_tensor(image_sizes).tolist()]
+
+    def encode(self, pixel_values: torch.Tensor, tile_cols: list[list[int]] | None = None):
         """[B, N, F, H, W, 3] -> (projected tokens [B, N, F, P', C], grid)."""
         m = self.lavi["model"]
         B, N, Fr = pixel_values.shape[:3]
@@ -247,7 +294,7 @@ class LaViReference(nn.Module):
         feats = torch.cat([out.hidden_states[i] for i in m["vision"]["feature_layers"]], dim=-1)
         if m["vision"]["type"] == "clip" and m["vision"]["drop_cls"]:
             feats = feats[:, 1:]
-        return self.projector(feats.reshape((B, N, Fr) + tuple(feats.shape[1:])))
+        return self.projector(feats.reshape((B, N, Fr) + tuple(feats.shape[1:])), tile_cols)
 
     @staticmethod
     def item_positions(input_ids: torch.Tensor, image_token_id: int, num_items: int) -> torch.Tensor:
@@ -258,7 +305,8 @@ class LaViReference(nn.Module):
         t = torch.arange(input_ids.shape[1])[None, :, None].expand_as(hit)
         return torch.where(hit, t, torch.full_like(t, NO_ITEM)).min(1).values
 
-    def forward(self, input_ids, pixel_values=None, item_mask=None, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, pixel_values=None, item_mask=None, attention_mask=None, position_ids=None,
+                image_sizes=None):
         input_ids = torch.as_tensor(input_ids).long()
         B, T = input_ids.shape
         if attention_mask is None:
@@ -270,7 +318,7 @@ class LaViReference(nn.Module):
             return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         pixel_values = torch.as_tensor(pixel_values)
         item_mask = torch.ones(pixel_values.shape[:3], dtype=torch.bool) if item_mask is None else torch.as_tensor(item_mask).bool()
-        tokens, grid = self.encode(pixel_values)
+        tokens, grid = self.encode(pixel_values, self.tile_cols(image_sizes))
         image_token_id = self.lavi["model"]["image_token_id"]
         if self.fusion == "concat":
             return self._concat(input_ids, tokens, item_mask, attention_mask, image_token_id)

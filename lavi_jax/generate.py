@@ -25,6 +25,8 @@ Visual inputs. ``fusion="modulation"``: the prefill runs the vision tower once
 and each conditioner stores its visual keys/values (``visual_cache``); every
 decode step reads them back and never touches the pixels.
 ``fusion="concat"``: the visual tokens are part of the cached prefix.
+Anyres models (``config.model.anyres``) also take ``image_sizes`` int32
+[B, N, 2] (each image item's original height and width, see ``data.batch``).
 
 Sampling (:class:`GenerationConfig`): ``temperature=0`` is greedy; otherwise
 logits are divided by the temperature, then restricted to the ``top_k``
@@ -137,13 +139,13 @@ class Generator:
 
     # -- public
 
-    def __call__(self, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, *,
-                 sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
+    def __call__(self, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, image_sizes=None,
+                 *, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
         """-> (tokens [B, max_new_tokens] int32, lengths [B] int32)."""
-        state = self.prefill(params, input_ids, attention_mask, pixel_values, item_mask)
+        state = self.prefill(params, input_ids, attention_mask, pixel_values, item_mask, image_sizes)
         return self.decode(params, state, sampling=sampling, rng=rng)
 
-    def prefill(self, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None):
+    def prefill(self, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, image_sizes=None):
         """Runs the prompt (and the vision tower) once; returns the decode state."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
@@ -155,9 +157,9 @@ class Generator:
             attention_mask = jnp.pad(attention_mask, ((0, 0), (extra, 0)))
         if pixel_values is not None and item_mask is None:
             item_mask = jnp.ones(pixel_values.shape[:3], jnp.bool_)
-        if self.model.config.fusion == "none":
-            pixel_values = item_mask = None
-        return self._prefill(params, input_ids, attention_mask, pixel_values, item_mask)
+        if self.model.config.fusion == "none" or pixel_values is None:
+            pixel_values = item_mask = image_sizes = None
+        return self._prefill(params, input_ids, attention_mask, pixel_values, item_mask, image_sizes)
 
     def decode(self, params, state, *, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
         """Samples ``max_new_tokens`` from a prefill state (consumed). -> (tokens, lengths)."""
@@ -208,7 +210,7 @@ class Generator:
         new = sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p)
         return jnp.where(done, self.pad_id, new), cache
 
-    def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, item_mask):
+    def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, item_mask, image_sizes=None):
         self.num_traces["prefill"] += 1
         model, c = self.model, self.model.config
         ids, mask = right_align(input_ids, attention_mask, self.pad_id)
@@ -226,6 +228,8 @@ class Generator:
         else:
             kw = dict(attention_mask=jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1),
                       position_ids=default_positions(mask))
+        if image_sizes is not None:
+            kw["image_sizes"] = image_sizes
         last = jnp.full((B, 1), T - 1, jnp.int32)  # prompts are right-aligned: logits of the last token only
         out, vc = model.apply({"params": params}, ids, pixel_values, item_mask, cache=cache, cache_index=0,
                               logits_at=last, method=LaVi.forward, mutable=["visual_cache"], **kw)
@@ -282,7 +286,7 @@ class Generator:
 _GENERATORS: dict = {}
 
 
-def generate(model, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, *,
+def generate(model, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, image_sizes=None, *,
              max_new_tokens: int, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None,
              stop_ids: Sequence[int] = (), pad_id: int = 0):
     """Generates up to ``max_new_tokens`` per row. -> (tokens [B, max_new_tokens] int32, lengths [B] int32).
@@ -295,7 +299,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, i
         if len(_GENERATORS) >= 32:
             _GENERATORS.pop(next(iter(_GENERATORS)))
         _GENERATORS[key] = (model, Generator(model, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id))
-    return _GENERATORS[key][1](params, input_ids, attention_mask, pixel_values, item_mask, sampling=sampling, rng=rng)
+    return _GENERATORS[key][1](params, input_ids, attention_mask, pixel_values, item_mask, image_sizes,
+                               sampling=sampling, rng=rng)
 
 
 def measure_speed(generator: Generator, params, input_ids, attention_mask=None, pixel_values=None, item_mask=None, *,

@@ -56,7 +56,8 @@ class Predictor:
                                    pad_id=self.tokenizer.pad_id)
 
     def inputs(self, prompt: str, images=(), video: str | None = None) -> tuple:
-        """(input_ids [1, T], attention_mask, pixel_values or None, item_mask or None) for one question."""
+        """(input_ids [1, T], attention_mask, pixel_values or None, item_mask or None[, image_sizes]) for one
+        question; ``image_sizes`` [1, N, 2] only for an anyres model."""
         sample = {"prompt": prompt, "image": list(images) or None, "video": video}
         items = media_items(sample)
         ids = np.asarray(self.tokenizer.encode_prompt(conversation(sample, len(items))), np.int32)[None]
@@ -64,7 +65,9 @@ class Predictor:
             return ids, np.ones_like(ids), None, None
         frames = int(self.config.data.get("num_frames", 1)) if any(k == VIDEO for k, _ in items) else 1
         loader = MediaLoader(self.processor, frames, None, self.config.data.get("max_image_pixels"), joined=True)
-        pixels, mask = loader(sample, len(items))
+        pixels, mask, sizes = loader.load_sample(sample, len(items))
+        if loader.anyres:
+            return ids, np.ones_like(ids), pixels[None], mask[None], sizes[None]
         return ids, np.ones_like(ids), pixels[None], mask[None]
 
     def stream(self, inputs: tuple, sampling: GenerationConfig = GenerationConfig(), seed: int = 0):

@@ -104,6 +104,10 @@ class MediaLoader:
     def __call__(self, sample: dict[str, Any], num_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.load(self.resolve(media_items(sample)), num_items)
 
+    def load_sample(self, sample: dict[str, Any], num_items: int | None = None):
+        """Like ``__call__``, returning ``(pixel_values, item_mask, image_sizes)``."""
+        return self.load_all(self.resolve(media_items(sample)), num_items)
+
     def resolve(self, items: list[Item]) -> list[Item]:
         """Items with their paths checked against the image root (``ValueError`` for a path outside it)."""
         return [(kind, value if kind == BASE64 else self.path(value)) for kind, value in items]

@@ -24,7 +24,7 @@ def exact_match_scorer(model):
     @jax.jit
     def correct(params, batch):
         logits = model.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"), batch.get("item_mask"),
-                             attention_mask=batch["attention_mask"])
+                             attention_mask=batch["attention_mask"], image_sizes=batch.get("image_sizes"))
         hit = jnp.argmax(logits[:, :-1], -1) == batch["input_ids"][:, 1:]
         need = batch["loss_mask"][:, 1:] > 0
         return jnp.all(hit | ~need, axis=1) & jnp.any(need, axis=1)

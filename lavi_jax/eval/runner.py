@@ -215,7 +215,7 @@ class Runner:
             def submit(b):
                 if b >= len(batches) or not plan.visual:
                     return {}
-                return {r: pool.submit(_safe, plan.loader, samples[batches[b][r]], plan.num_items)
+                return {r: pool.submit(_safe, plan.loader.load_sample, samples[batches[b][r]], plan.num_items)
                         for r in local if r < len(batches[b])}
 
             pending = submit(0)
@@ -245,7 +245,8 @@ class Runner:
         """One global batch -> (tokens, lengths, failure reasons as bytes) for all rows, on every process."""
         T = bucket_length(max(len(p) for p in prompts), self.buckets, beyond="multiple")
         spec = BatchSpec(batch_size=plan.batch_size, seq_len=T, max_items=plan.num_items,
-                         num_frames=plan.loader.num_frames, image_size=self.processor.output_size, visual=plan.visual)
+                         num_frames=plan.loader.item_frames, image_size=self.processor.output_size, visual=plan.visual,
+                         anyres=plan.loader.anyres)
         host = dataclasses.replace(spec, batch_size=len(local)).zeros(self.tokenizer.pad_id)  # this process's rows
         reasons = np.zeros((len(local), REASON_BYTES), np.uint8)
         for j, r in enumerate(local):
@@ -258,8 +259,10 @@ class Runner:
                     raw = error.encode("utf-8")[:REASON_BYTES]
                     reasons[j, :len(raw)] = np.frombuffer(raw, np.uint8)
                 if value is not None:
-                    host["pixel_values"][j], host["item_mask"][j] = value
-        keys = PROMPT_KEYS + (VISUAL_KEYS if plan.visual else ())
+                    host["pixel_values"][j], host["item_mask"][j], sizes = value
+                    if spec.anyres:
+                        host["image_sizes"][j] = sizes
+        keys = PROMPT_KEYS + (VISUAL_KEYS + (("image_sizes",) if spec.anyres else ()) if plan.visual else ())
         args = [self._global(host[k], local, spec.shapes()[k][0]) for k in keys]
         with sharding.use_mesh(self.mesh):
             tokens, lengths = gen(params, *args)

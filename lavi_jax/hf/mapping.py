@@ -261,7 +261,11 @@ def lavi_entries(model_cfg) -> list[Entry]:
     """The LaVi-only tensors (projector + conditioners) in the ``lavi/`` export format."""
     if model_cfg.fusion == "none":
         return []
-    proj = expand(projector_rules(model_cfg.projector, "projector.", temporal=True), num_layers=0, jax_prefix="projector/")
+    rules = projector_rules(model_cfg.projector, "projector.", temporal=True)
+    anyres = model_cfg.get("anyres")
+    if model_cfg.fusion == "modulation" and anyres is not None and anyres.enabled and anyres.tile_embedding == "grid":
+        rules += [Rule(n, f"projector.{n}", COPY) for n in ("tile_base_embedding", "tile_row_embedding", "tile_col_embedding")]
+    proj = expand(rules, num_layers=0, jax_prefix="projector/")
     return proj + conditioner_entries(model_cfg)
 
 

@@ -47,6 +47,10 @@ are read back instead of running the vision tower.
 With ``config.anyres.enabled``, ``image_sizes`` int32 [B, N, 2] gives each image
 item's original (height, width) ((0, 0) for videos and padding); an image item's
 frames are its whole image and its crops (:mod:`lavi_jax.models.anyres`).
+With modulation this is LaVi-HD: the conditioners see every tile, and with
+``anyres.tile_embedding="grid"`` the projector adds a learned tile-position
+embedding (whole image; crop row + column, from ``image_sizes``) in place of the
+temporal one on image items (see :mod:`lavi_jax.models.projector`).
 
 The module holds ``config`` as an immutable ``FrozenConfigDict``: changing the
 caller's ConfigDict afterwards does not change a built model.
@@ -61,10 +65,12 @@ import jax
 import jax.numpy as jnp
 from ml_collections import FrozenConfigDict
 
+from lavi_jax.data.anyres import max_grid
 from lavi_jax.models.conditioner import NO_ITEM, VisualContext
 from lavi_jax.models.decoder import Decoder, DecoderOutput
 from lavi_jax.models.layers import dtype_of
 from lavi_jax.models.projector import Projector, tokens_per_frame
+from lavi_jax.models import anyres
 from lavi_jax.models.splice import item_positions, segment_positions, splice, splice_layout, splice_segments
 from lavi_jax.models.vit import VisionTower
 
@@ -93,15 +99,23 @@ class LaVi(nn.Module):
         self.llm = Decoder(c.llm, c.conditioner if modulation else None, dt, pdt, c.scan_layers, c.remat_policy,
                            c.get("attention", "auto"))  # configs saved before the knob existed lack it
         if c.fusion != "none":
-            self.vision = VisionTower(c.vision, dt, pdt, c.get("attention", "auto"))
+            self.vision = VisionTower(c.vision, dt, pdt)
             width = c.conditioner.width if modulation else c.llm.hidden_size
-            self.projector = Projector(c.projector, width, "cond_embed" if modulation else "embed", dt, pdt)
+            tile_grid = max_grid(c.anyres.pinpoints, c.vision.image_size) if self._hd else (0, 0)
+            self.projector = Projector(c.projector, width, "cond_embed" if modulation else "embed", dt, pdt, tile_grid)
 
-    def encode(self, pixel_values: jax.Array):
-        """[B, N, F, H, W, 3] -> (projected tokens [B, N, F, P', C], grid)."""
+    @property
+    def _hd(self) -> bool:
+        """LaVi-HD: modulation over anyres tiles with the grid tile-position embedding."""
+        c, a = self.config, self.config.get("anyres")
+        return c.fusion == "modulation" and a is not None and bool(a.enabled) and a.tile_embedding == "grid"
+
+    def encode(self, pixel_values: jax.Array, tile_cols: jax.Array | None = None):
+        """[B, N, F, H, W, 3] -> (projected tokens [B, N, F, P', C], grid); ``tile_cols`` [B, N] (LaVi-HD):
+        crop-grid columns of each anyres image item, 0 for videos and padding."""
         B, N, F = pixel_values.shape[:3]
         feats = self.vision(pixel_values.reshape((B * N * F,) + pixel_values.shape[3:]))
-        return self.projector(feats.reshape((B, N, F) + feats.shape[1:]))
+        return self.projector(feats.reshape((B, N, F) + feats.shape[1:]), tile_cols)
 
     def __call__(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
                  logits_at=None, segment_ids=None, image_sizes=None) -> jax.Array:
@@ -140,7 +154,11 @@ class LaVi(nn.Module):
         if c.fusion == "modulation" and use_visual_cache:
             visual = VisualContext(None, None, query_index)
         elif c.fusion == "modulation" and pixel_values is not None:
-            tokens, grid = self.encode(pixel_values)
+            tile_cols = None
+            if self._hd and image_sizes is not None:  # the crop grid of each image item sets its tiles' positions
+                _, cols = anyres.best_grid(image_sizes, c.anyres.pinpoints, c.vision.image_size)
+                tile_cols = jnp.where(image_sizes[..., 0] > 0, cols, 0)
+            tokens, grid = self.encode(pixel_values, tile_cols)
             pos = item_positions(input_ids, c.image_token_id, pixel_values.shape[1])
             key_index = jnp.where(item_mask & (pos < NO_ITEM)[:, :, None], pos[:, :, None] + start, NO_ITEM)
             key_segment = query_segment = None

@@ -7,6 +7,12 @@ per frame (CLS already dropped). Steps:
 2. ``mlp2x_gelu`` (Linear, GELU, Linear, as LLaVA) or ``linear``;
 3. a learned temporal embedding per frame index (``temporal_embedding``),
    after which an item's frames are read as one sequence of F * P' tokens.
+   With ``tile_grid`` (LaVi-HD: anyres with ``tile_embedding="grid"``) the
+   frames of an image item are its whole image and its crops, and get a
+   learned tile-position embedding instead: ``tile_base_embedding`` on frame 0,
+   ``tile_row_embedding[r] + tile_col_embedding[c]`` on the crop at grid
+   (row r, column c); frame f >= 1 is crop ``(f - 1) // cols, (f - 1) % cols``
+   of its item's ``cols``-wide grid. Video items keep the temporal embedding.
 
 Returns ``(tokens [B, N, F, P', out], grid (h', w'))``; :func:`tokens_per_frame`
 gives P' from the model config alone.
@@ -53,9 +59,12 @@ class Projector(nn.Module):
     out_name: str = "cond_embed"  # logical name of the output axis ("embed" for concat)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    tile_grid: tuple[int, int] = (0, 0)  # (max rows, max cols) of anyres crops; (0, 0): no tile embedding
 
     @nn.compact
-    def __call__(self, feats: jax.Array):
+    def __call__(self, feats: jax.Array, tile_cols: jax.Array | None = None):
+        """``feats`` [B, N, F, P, D]; ``tile_cols`` int32 [B, N]: grid columns of each anyres image item,
+        0 for videos and padding (used only with ``tile_grid``)."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
         B, N, F, P, D = feats.shape
         side = grid_side(P)
@@ -73,10 +82,37 @@ class Projector(nn.Module):
             x = dense(self.features, ("vit_embed", self.out_name), name="linear_1", **kw)(x)
         else:
             raise ValueError(f"unknown projector.type {c.type!r} (mlp2x_gelu | linear)")
+        temporal = 0
         if c.temporal_embedding:
-            if F > c.max_frames:
+            if F > c.max_frames and self.tile_grid == (0, 0):
                 raise ValueError(f"{F} frames exceed projector.max_frames={c.max_frames}")
             table = self.param("temporal_embedding", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, self.out_name)),
                                (c.max_frames, self.features), self.param_dtype)
-            x = x + table[:F].astype(self.dtype)[None, None, :, None, :]
+            # With tile embeddings, frames past max_frames are image crops (tile-embedded) or padding.
+            frames = jnp.minimum(jnp.arange(F), c.max_frames - 1)
+            temporal = table[frames].astype(self.dtype)[None, None, :, None, :]
+        if self.tile_grid != (0, 0):
+            if tile_cols is None:
+                tile_cols = jnp.zeros((B, N), jnp.int32)
+            tiles = self._tile_embedding(F, tile_cols)[:, :, :, None, :]  # [B, N, F, 1, C]
+            x = x + jnp.where((tile_cols > 0)[:, :, None, None, None], tiles, temporal)
+        else:
+            x = x + temporal
         return x, (out_side, out_side)
+
+    def _tile_embedding(self, F: int, tile_cols: jax.Array) -> jax.Array:
+        """[B, N, F, C]: base embedding on frame 0, row + column embedding of its crop on frames 1..F-1."""
+        rows, cols = self.tile_grid
+        init = nn.initializers.zeros_init()
+        base = self.param("tile_base_embedding", nn.with_logical_partitioning(init, (self.out_name,)),
+                          (self.features,), self.param_dtype)
+        row_table = self.param("tile_row_embedding", nn.with_logical_partitioning(init, (None, self.out_name)),
+                               (rows, self.features), self.param_dtype)
+        col_table = self.param("tile_col_embedding", nn.with_logical_partitioning(init, (None, self.out_name)),
+                               (cols, self.features), self.param_dtype)
+        crop = jnp.arange(F, dtype=jnp.int32)[None, None, :] - 1  # [1, 1, F]; -1 on the base frame
+        width = jnp.maximum(tile_cols.astype(jnp.int32), 1)[:, :, None]  # [B, N, 1]
+        r = jnp.clip(crop // width, 0, rows - 1)  # frames past an item's crops are masked; clipped to stay in range
+        col = jnp.clip(crop % width, 0, cols - 1)
+        emb = row_table[r] + col_table[col]
+        return jnp.where((crop < 0)[..., None], base, emb).astype(self.dtype)

@@ -35,7 +35,7 @@ def loss_terms(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, j
     """(sum of target-token NLL, number of target tokens) for a batch (packed when it has ``segment_ids``)."""
     logits = model.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"), batch.get("item_mask"),
                          attention_mask=batch["attention_mask"], position_ids=batch.get("positions"),
-                         segment_ids=batch.get("segment_ids"))
+                         segment_ids=batch.get("segment_ids"), image_sizes=batch.get("image_sizes"))
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
     w = batch["loss_mask"][:, 1:].astype(jnp.float32)

@@ -1,0 +1,127 @@
+"""LaVi-HD: modulation over anyres tiles (whole image + crops) with a tile-position embedding.
+
+The reference is ``conversions.torch_lavi`` (PyTorch) on the exported weights, whose crop grid comes from
+transformers' ``get_anyres_image_grid_shape``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from conversions.torch_lavi import LaViReference
+from lavi_jax import config as C
+from lavi_jax.data.anyres import num_crops
+from lavi_jax.generate import Generator
+from lavi_jax.hf import exporter, importer
+from lavi_jax.models.lavi import LaVi
+from lavi_jax.train.step import loss_terms
+from tests import hf_models
+
+ATOL = 1e-4
+S = 32  # the tiny SigLIP's image size
+PINPOINTS = ((S, S), (S, 2 * S), (2 * S, S), (2 * S, 2 * S), (S, 3 * S))
+MAX_CROPS = 4
+# Row 0: a wide and a tall image; row 1: an image and a 3-frame video (sizes (0, 0)).
+SIZES = np.asarray([[[20, 90], [90, 33]], [[50, 50], [0, 0]]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    llm, _ = hf_models.qwen2(tmp_path_factory.mktemp("qwen2"), kv_heads=2)
+    vis, _ = hf_models.siglip(tmp_path_factory.mktemp("siglip"))
+    return llm, vis
+
+
+def perturb(params, seed=1, scale=0.1):
+    """Non-zero projector (tile and temporal embeddings included) and conditioner output projections."""
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    hit = lambda k: k[0] == "projector" or (any("conditioner" in p for p in k) and "o_proj" in k)
+    out = {k: (v + scale * jax.random.normal(r, v.shape, v.dtype) if hit(k) else v) for (k, v), r in zip(flat.items(), keys)}
+    return traverse_util.unflatten_dict(out)
+
+
+def hd_model(towers, tile_embedding="grid", max_frames=4):
+    """max_frames=4 < 1 + MAX_CROPS: with the grid embedding image items do not use the temporal table."""
+    llm, vis = towers
+    base = C.model(conditioner=C.conditioner(width=32, num_heads=4), projector=C.projector(max_frames=max_frames),
+                   anyres=C.anyres(enabled=True, pinpoints=PINPOINTS, max_crops=MAX_CROPS, tile_embedding=tile_embedding))
+    cfg, params = importer.import_hf(llm, vis, base)
+    return cfg, perturb(params)
+
+
+def inputs(cfg):
+    """ids [2, 12] with the placeholders, pixels [2, 2, 1 + MAX_CROPS, S, S, 3], masks from each image's crops."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.llm.vocab_size - 2, (2, 12)).astype(np.int32)
+    ids[0, [2, 7]] = ids[1, [4, 6]] = cfg.image_token_id
+    F = 1 + MAX_CROPS
+    pix = rng.normal(size=(2, 2, F, S, S, 3)).astype(np.float32)
+    mask = np.zeros((2, 2, F), bool)
+    for b in range(2):
+        for n in range(2):
+            h, w = SIZES[b, n]
+            mask[b, n, :1 + num_crops((h, w), PINPOINTS, S) if h else 3] = True
+    pix[~mask] = 0
+    return ids, pix, mask
+
+
+@pytest.mark.parametrize("tile_embedding", ["grid", "temporal"])
+def test_torch_reference_matches_hd_item(towers, tmp_path, tile_embedding):
+    cfg, params = hd_model(towers, tile_embedding, max_frames=4 if tile_embedding == "grid" else 1 + MAX_CROPS)
+    assert ("tile_row_embedding" in params["projector"]) == (tile_embedding == "grid")
+    out = str(tmp_path / "out")
+    exporter.export_params(cfg, params, out)
+    ids, pix, mask = inputs(cfg)
+    ours = np.asarray(jax.jit(LaVi(cfg).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(pix),
+                                                 jnp.asarray(mask), image_sizes=jnp.asarray(SIZES)))
+    ref = LaViReference.from_pretrained(out)
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(ids), torch.from_numpy(pix), torch.from_numpy(mask),
+                     image_sizes=torch.from_numpy(SIZES)).numpy()
+        plain = ref.llm(torch.from_numpy(ids).long()).logits.numpy()
+    err = np.abs(ours - theirs).max()
+    print(f"torch_lavi HD ({tile_embedding}): max abs logit diff {err:.2e}")
+    assert err < ATOL and np.abs(ours - plain).max() > 0.1
+    _, back = importer.import_hf(lavi_dir=out)  # the tile tables travel in the lavi/ export
+    flat_a, flat_b = traverse_util.flatten_dict(back), traverse_util.flatten_dict(params)
+    assert flat_a.keys() == flat_b.keys()
+
+
+def test_temporal_tiles_need_the_frames(towers):
+    cfg, params = hd_model(towers, "temporal", max_frames=4)
+    ids, pix, mask = inputs(cfg)
+    with pytest.raises(ValueError, match="5 frames exceed projector.max_frames=4"):
+        LaVi(cfg).apply({"params": params}, ids, pix, mask, image_sizes=SIZES)
+
+
+def test_tile_positions_change_the_answer(towers):
+    """The grid embedding reads image_sizes: a different grid for the same pixels moves the logits after the image."""
+    cfg, params = hd_model(towers)
+    ids, pix, mask = inputs(cfg)
+    apply = jax.jit(LaVi(cfg).apply)
+    a = np.asarray(apply({"params": params}, ids, pix, mask, image_sizes=SIZES))
+    other = SIZES.copy()
+    other[0, 0] = (90, 20)  # 2 x 1 instead of 1 x 2 crops: same number of frames, other positions
+    b = np.asarray(apply({"params": params}, ids, pix, mask, image_sizes=other))
+    np.testing.assert_array_equal(a[1], b[1])  # the other row is untouched
+    np.testing.assert_array_equal(a[0, :2], b[0, :2])  # before the image
+    assert np.abs(a[0, 2:] - b[0, 2:]).max() > 1e-3
+
+
+def test_generation_and_training_take_image_sizes(towers):
+    """Generator's first token logits equal the forward's; the loss has gradients on the tile tables."""
+    cfg, params = hd_model(towers)
+    ids, pix, mask = inputs(cfg)
+    model = LaVi(cfg)
+    full = np.asarray(jax.jit(model.apply)({"params": params}, ids, pix, mask, image_sizes=SIZES))
+    state = Generator(model, max_new_tokens=2).prefill(params, ids, None, pix, mask, SIZES)
+    np.testing.assert_allclose(np.asarray(state["logits"]), full[:, -1], atol=ATOL)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, np.float32),
+             "pixel_values": pix, "item_mask": mask, "image_sizes": SIZES}
+    grads = jax.jit(jax.grad(lambda p: loss_terms(model, p, batch)[0]))(params)
+    for name in ("tile_base_embedding", "tile_row_embedding", "tile_col_embedding"):
+        assert np.abs(np.asarray(grads["projector"][name])).max() > 0, name
