@@ -2,6 +2,12 @@
 
     python train.py --config configs/lavi_qwen2_7b_siglip.py        # full size
     python train.py --config configs/lavi_qwen2_7b_siglip.py:tiny   # few-MB variant, same structure
+    python train.py --config configs/lavi_qwen2_7b_siglip.py:hd     # LaVi-HD: OneVision's anyres tiles
+    python train.py --config configs/lavi_qwen2_7b_siglip.py:hd,tiny
+
+``hd``: each image is its whole image plus up to 36 crops of 384 px (LLaVA-OneVision-7B's
+pinpoints, ``anyres_max_9``) with a learned tile-position embedding; in ``tiny`` the
+pinpoints are scaled to the tiny tower's image size.
 """
 
 from lavi_jax import config as C
@@ -19,6 +25,13 @@ def get_config(arg: str = ""):
         projector=C.projector(type="mlp2x_gelu"),
         conditioner=C.conditioner(type="attention", width=512, num_heads=8),
     )
-    if arg == "tiny":
+    args = set(filter(None, arg.split(",")))
+    if args - {"tiny", "hd"}:
+        raise ValueError(f"unknown config args {sorted(args - {'tiny', 'hd'})} (tiny, hd)")
+    if "tiny" in args:
         C.make_tiny(model)
+    if "hd" in args:
+        s = model.vision.image_size
+        model.anyres.update(enabled=True, pinpoints=tuple((h // 384 * s, w // 384 * s) for h, w in C.ONEVISION_PINPOINTS),
+                            max_crops=36, aspect="anyres_max_9", tile_embedding="grid")
     return C.experiment(model)

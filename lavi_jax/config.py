@@ -108,6 +108,18 @@ def anyres(**overrides) -> ConfigDict:
     return c
 
 
+# image_grid_pinpoints of llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf (config.json), with 384-px tiles,
+# vision_aspect_ratio "anyres_max_9": canvases of 1x1 up to 6x6 tiles (max_crops=36).
+ONEVISION_PINPOINTS = (
+    (384, 384), (384, 768), (384, 1152), (384, 1536), (384, 1920), (384, 2304),
+    (768, 384), (768, 768), (768, 1152), (768, 1536), (768, 1920), (768, 2304),
+    (1152, 384), (1152, 768), (1152, 1152), (1152, 1536), (1152, 1920), (1152, 2304),
+    (1536, 384), (1536, 768), (1536, 1152), (1536, 1536), (1536, 1920), (1536, 2304),
+    (1920, 384), (1920, 768), (1920, 1152), (1920, 1536), (1920, 1920), (1920, 2304),
+    (2304, 384), (2304, 768), (2304, 1152), (2304, 1536), (2304, 1920), (2304, 2304),
+)
+
+
 def model(**overrides) -> ConfigDict:
     """The whole LaVi model."""
     c = ConfigDict()

@@ -67,6 +67,9 @@ class Predictor:
         loader = MediaLoader(self.processor, frames, None, self.config.data.get("max_image_pixels"), joined=True)
         pixels, mask, sizes = loader.load_sample(sample, len(items))
         if loader.anyres:
+            if self.model.config.fusion == "modulation":  # one question: only the frames its items use
+                used = int(mask.sum(1).max())
+                pixels, mask = pixels[:, :used], mask[:, :used]
             return ids, np.ones_like(ids), pixels[None], mask[None], sizes[None]
         return ids, np.ones_like(ids), pixels[None], mask[None]
 

@@ -15,6 +15,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
+from lavi_jax import config as C
 from lavi_jax.data.anyres import AnyresProcessor, check_pinpoints, grid_shape, num_crops, select_best_resolution
 from lavi_jax.data.image_processor import ImageProcessor
 
@@ -25,7 +26,7 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
 MADE_UP = ((1, 1000), (1000, 1), (37, 19), (19, 37), (4000, 3), (3, 4000), (1, 1), (2, 2), (384, 384), (385, 769))
 
 # LLaVA-OneVision (llava-onevision-qwen2-*-ov-hf): 384 tiles, the 36 pinpoints up to 6x6.
-OV_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+OV_PINPOINTS = [list(p) for p in C.ONEVISION_PINPOINTS]
 # LLaVA-NeXT (llava-v1.6): 336 tiles, CLIP processing.
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TINY_PINPOINTS = [[h, w] for h in (32, 64, 96) for w in (32, 64, 96)]
@@ -114,6 +115,12 @@ def test_geometry_matches_hf():
             assert 1 + num_crops(size, pinpoints, tile) == image_size_to_num_patches(size, pinpoints, tile)
 
 
+def test_onevision_pinpoints_are_hf_onevision_default():
+    from transformers import LlavaOnevisionConfig
+
+    assert [list(p) for p in C.ONEVISION_PINPOINTS] == LlavaOnevisionConfig().image_grid_pinpoints
+
+
 def test_real_geometry_crop_counts():
     """The inputs the benchmarks quote: a 1024x768 photo and a 4:1 panorama under OneVision's pinpoints."""
     assert grid_shape((768, 1024), OV_PINPOINTS, 384) == (2, 3)
@@ -138,8 +145,6 @@ def _conv(question):
 
 
 def _pipeline_config(tmp_path, records, **overrides):
-    from lavi_jax import config as C
-
     path = tmp_path / "data.json"
     path.write_text(__import__("json").dumps(records))
     kw = dict(train_json=str(path), eval_json=str(path), image_root=str(tmp_path), image_size=32,

@@ -125,3 +125,47 @@ def test_generation_and_training_take_image_sizes(towers):
     grads = jax.jit(jax.grad(lambda p: loss_terms(model, p, batch)[0]))(params)
     for name in ("tile_base_embedding", "tile_row_embedding", "tile_col_embedding"):
         assert np.abs(np.asarray(grads["projector"][name])).max() > 0, name
+
+
+def test_eval_runner_and_predict_hd(tmp_path):
+    """A LaVi-HD checkpoint: the eval runner (batched, 1 + max_crops frames) and python -m lavi_jax.predict's
+    Predictor (frames trimmed to those used) give the same greedy answers on images of other aspect ratios."""
+    import json
+
+    from PIL import Image
+
+    from lavi_jax import checkpoint, sharding
+    from lavi_jax import eval as lavi_eval
+    from lavi_jax.data import make_components
+    from lavi_jax.data.anyres import AnyresProcessor
+    from lavi_jax.demo.synthetic import write_synthetic_vqa
+    from lavi_jax.predict import Predictor
+    from tests.test_eval import random_params, tiny_config
+
+    paths = write_synthetic_vqa(str(tmp_path / "data"), num_train=1, num_eval=3, image_size=64)
+    records = json.load(open(paths["eval_json"]))
+    for r, (w, h) in zip(records, ((64, 64), (150, 40), (30, 100))):  # other aspect ratios: other grids
+        path = f"{paths['image_root']}/{r['image']}"
+        Image.open(path).convert("RGB").resize((w, h)).save(path)
+    config = tiny_config(paths)
+    s = config.model.vision.image_size
+    config.model.anyres.update(enabled=True, pinpoints=((s, s), (s, 2 * s), (2 * s, s), (2 * s, 2 * s), (s, 3 * s)),
+                               max_crops=4)
+    config.evals.update(tasks="llava_json", max_new_tokens=4)
+    config.evals.llava_json.update(questions=paths["eval_json"], image_root=paths["image_root"])
+    ckpt = checkpoint.save_params(str(tmp_path / "ckpt"), config, random_params(config))
+
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    tokenizer, processor = make_components(config)
+    assert isinstance(processor, AnyresProcessor)
+    params = checkpoint.restore_params(ckpt, config.model, mesh)
+    runner = lavi_eval.make_runner(config, LaVi(config.model), mesh, tokenizer, processor)
+    (result,) = lavi_eval.run_tasks(runner, params, lavi_eval.tasks_from_config(config), print_summary=False)
+    assert result["num_failed"] == 0
+
+    predictor = Predictor(ckpt, max_new_tokens=4)
+    for row, r in zip(result["per_sample"], records):
+        inputs = predictor.inputs(row["prompt"], [f"{paths['image_root']}/{r['image']}"])
+        h, w = np.asarray(Image.open(f"{paths['image_root']}/{r['image']}")).shape[:2]
+        assert inputs[4].tolist() == [[[h, w]]] and inputs[2].shape[2] == 1 + num_crops((h, w), config.model.anyres.pinpoints, s)
+        assert predictor.answer(inputs) == row["prediction"]
