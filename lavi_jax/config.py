@@ -154,8 +154,9 @@ def data(**overrides) -> ConfigDict:
     c.max_bad_records = 100  # distinct bad records skipped per process before the run stops
     c.max_image_pixels = 89_478_485  # larger images are rejected (decompression bombs); PIL's default
     c.num_threads = 8  # decoding threads per process
-    c.packing = False  # training packs records into rows of max(seq_buckets) tokens; max_images is then per row
+    c.packing = False  # training packs records into rows of max(seq_buckets) tokens
     c.pack_window = 8  # open rows of the first-fit packer; the fullest is emitted when a record fits none
+    c.pack_max_images = 0  # visual items per packed row (its N_items; max_images stays per sample); 0: max_images
     c.update(overrides)
     return c
 

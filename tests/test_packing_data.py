@@ -159,3 +159,17 @@ def test_packed_process_shards_are_disjoint(tmp_path):
         it = D.make_train_iterator(config, batch_size=2, seed=0, process_index=p, process_count=2)
         seen.append({int(i) for _ in range(4) for i in next(it)["record_index"].ravel() if i >= 0})
     assert seen[0] == set(range(0, 12, 2)) and seen[1] == set(range(1, 12, 2))
+
+
+def test_row_item_budget_is_pack_max_images_while_max_images_stays_per_sample(tmp_path):
+    records = _records(tmp_path, 12)  # record i has i % 3 images
+    config = _config(tmp_path, records, max_images=1, pack_max_images=4, max_bad_records=12)
+    it = D.make_train_iterator(config, batch_size=2, seed=0, process_index=0, process_count=1)
+    batches = [next(it) for _ in range(4)]
+    assert all(b["item_mask"].shape[1] == 4 for b in batches)
+    assert max(int(b["item_mask"].any(-1).sum(1).max()) for b in batches) >= 2  # rows hold several images
+    # a record with two images exceeds max_images=1 per sample: skipped and reported by id
+    assert {r.id for r in it.bad_records.reports} == {f"r{i}" for i in range(12) if i % 3 == 2}
+    run = _run_config(config)
+    assert D.BatchSpec.from_config(run, 2).max_items == 4
+    assert D.BatchSpec.from_config(run, 2, packed=False).max_items == 1  # evaluation batches: per sample

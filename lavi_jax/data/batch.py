@@ -93,7 +93,8 @@ class BatchSpec:
         d, m = config.data, config.model
         packed = bool(d.get("packing", False)) if packed is None else packed
         anyres = m.get("anyres")
-        return cls(batch_size=int(batch_size), seq_len=int(seq_len or max(d.seq_buckets)), max_items=int(d.max_images),
+        items = int(d.get("pack_max_images", 0) or d.max_images) if packed else int(d.max_images)  # per row / sample
+        return cls(batch_size=int(batch_size), seq_len=int(seq_len or max(d.seq_buckets)), max_items=items,
                    num_frames=item_frames(config), image_size=(int(d.image_size), int(d.image_size)),
                    visual=m.fusion != "none", packed=packed, anyres=anyres is not None and bool(anyres.enabled))
 

@@ -161,7 +161,7 @@ def make_train_iterator(
         False, agree on T across processes and use ``collate.pad_batch``.
 
     With ``config.packing`` each of the ``batch_size`` rows packs several
-    records (``max(seq_buckets)`` tokens, ``max_images`` items per row; see
+    records (``max(seq_buckets)`` tokens, ``pack_max_images`` items per row, default ``max_images``; see
     ``packing``) and the batch adds ``segment_ids``, ``positions`` and the
     host-only ``record_index`` [B, T].
     """
@@ -185,7 +185,8 @@ def make_train_iterator(
     if config.get("packing", False):
         anyres = isinstance(image_processor, AnyresProcessor)
         frames = max(config.num_frames, image_processor.num_frames) if anyres else config.num_frames
-        layout = RowLayout(max(int(b) for b in config.seq_buckets), int(config.max_images), int(frames),
+        row_items = int(config.get("pack_max_images", 0) or config.max_images)
+        layout = RowLayout(max(int(b) for b in config.seq_buckets), row_items, int(frames),
                            tuple(image_processor.output_size), tokenizer.pad_id, anyres)
         dataset = PackIterDataset(dataset, layout, config.get("pack_window", 8), _Rebuild(records, builder, tracker))
         dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=stack_rows)
