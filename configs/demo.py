@@ -4,6 +4,10 @@
 
 ``demo.py`` writes the data and sets ``config.data``'s paths; ``train.py`` takes
 this config too, for the same model on your own data (``--config.data.train_json``).
+Conversations of mixed length can be packed several per row of ``max(seq_buckets)``
+tokens (``--config.data.packing=True``, ``pack_max_images`` items per row); the demo's
+own questions are of one length and its tiny model gains nothing from long packed
+rows (``python -m benchmarks.packing``), so it trains unpacked.
 
 A tiny SigLIP-shaped tower and a tiny Qwen2-shaped decoder, trained from
 scratch with the built-in byte-level tokenizer on coloured-shape questions

@@ -50,7 +50,8 @@ def check_config(config) -> None:
     if given:
         raise ValueError(f"the demo trains on its own synthetic data, but config.data.{given[0]} is set: "
                          f"to train on your data run `python train.py --config configs/demo.py "
-                         f"--config.data.train_json=... --config.data.image_root=...`")
+                         f"--config.data.train_json=... --config.data.image_root=...` (conversations of mixed "
+                         f"length: add --config.data.packing=True to pack several per row)")
 
 
 def write_data(config, data_dir: str) -> dict[str, str]:
