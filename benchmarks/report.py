@@ -55,6 +55,8 @@ def rows(r: dict) -> list[tuple[str, ...]]:
                         f"{sp['e2e_s']:.2f}x faster", f"{PAPER['speedup']}x faster"))
             out.append((f"Peak memory ({where}, XLA)", setting, f"LaVi {_gb(lv['peak_bytes'])}", f"concat {_gb(cc['peak_bytes'])}",
                         f"{s['memory_ratio']:.2f}x", f"{PAPER['memory_ratio']}x"))
+    if "hd" in r:
+        out += hd_rows(r["hd"], r["machine"]["platform"])
     if "vs_torch" in r:
         v = r["vs_torch"]
         g = v["geometry"]
@@ -86,6 +88,34 @@ def rows(r: dict) -> list[tuple[str, ...]]:
             out.append((f"Real tokens/s, packed vs bucketed ({name}, {where})", m["config"].split(";")[0].replace("|", "/"),
                         f"packed {m['packed_real_tokens_per_s']:,.0f}", f"bucketed {m['bucketed_real_tokens_per_s']:,.0f}",
                         f"{m['speedup']:.2f}x", ">= 1.8x"))
+    return out
+
+
+def hd_rows(h: dict, platform: str) -> list[tuple[str, ...]]:
+    """LaVi-HD vs concat at LLaVA-OneVision-7B's token counts (benchmarks/hd_geometry.py)."""
+    out = []
+    for name, s in h["settings"].items():
+        setting = f"{name}: {s['tiles']} tiles; concat {s['concat_tokens']:,} vis. tok. (HF count)"
+        static = (f"; -{s['reduction_pct_static']:.1f} % at the static {h['max_crops'] + 1} tiles"
+                  if "reduction_pct_static" in s else "")
+        out.append((f"LaVi-HD FLOPs / sample, 7B OneVision geometry ({h['method']})", setting,
+                    f"LaVi-HD {s['lavi_hd']['total_flops'] / 1e12:.2f} TFLOP",
+                    f"concat {s['concat']['total_flops'] / 1e12:.2f} TFLOP", f"-{s['reduction_pct']:.1f} %{static}",
+                    f"-{PAPER['flops_reduction_pct']} %"))
+    for name, s in h["settings"].items():
+        lv, cc = s["lavi_hd"], s["concat"]
+        lv_total = lv["params_bytes"] + lv["kv_cache_bytes"] + lv["visual_cache_bytes"]
+        cc_total = cc["params_bytes"] + cc["kv_cache_bytes"]
+        out.append(("KV + visual cache, 7B f32", f"{name}: {s['tiles']} tiles",
+                    f"LaVi-HD {_gb(lv['kv_cache_bytes'] + lv['visual_cache_bytes'])}", f"concat {_gb(cc['kv_cache_bytes'])}",
+                    f"{s['cache_ratio']:.2f}x; with weights {_gb(lv_total)} vs {_gb(cc_total)} = {lv_total / cc_total:.2f}x",
+                    f"{PAPER['memory_ratio']}x"))
+    where = "GPU" if platform == "gpu" else "CPU, scaled"
+    for name, s in h.get("latency", {}).items():
+        out.append((f"End-to-end, 32 new tokens, OneVision geometry ({where})", f"{name}: {s['tiles']} tiles",
+                    f"LaVi-HD {_s(s['lavi_hd']['e2e_s'])}", f"concat {_s(s['concat']['e2e_s'])}",
+                    f"{s['speedup']['e2e_s']:.2f}x faster (prefill {s['speedup']['prefill_s']:.2f}x)",
+                    f"{PAPER['speedup']}x faster"))
     return out
 
 
@@ -237,6 +267,14 @@ def findings(r: dict) -> list[str]:
                 f"{n}: {x['speedup']['e2e_s']:.2f}x faster end-to-end (prefill {x['speedup']['prefill_s']:.2f}x, "
                 f"decode/token {x['speedup']['decode_per_token_s']:.2f}x), memory {x['memory_ratio']:.2f}x" for n, x in ok)
                 + f" (paper: {PAPER['speedup']}x, {PAPER['memory_ratio']}x).")
+    if "hd" in r:
+        h = r["hd"]["settings"]
+        out.append("LaVi-HD at LLaVA-OneVision-7B's geometry (anyres_max_9, 384-px tiles): " + "; ".join(
+            f"{n}: {x['tiles']} tiles, concat {x['concat_tokens']:,} tokens, FLOPs -{x['reduction_pct']:.1f} %"
+            + (f" (-{x['reduction_pct_static']:.1f} % when padded to {r['hd']['max_crops'] + 1} tiles)"
+               if "reduction_pct_static" in x else "") for n, x in h.items())
+            + f" (paper: -{PAPER['flops_reduction_pct']} %). Concat counts the tower on the same tiles plus the LLM "
+            "over HF's token count; LaVi-HD runs the tower on every tile and its conditioners attend to all of them.")
     if "vs_torch" in r:
         v = r["vs_torch"]["rows"]
         slower = [n for n, x in v.items() if x["ratio"] >= 1]

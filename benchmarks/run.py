@@ -10,6 +10,8 @@ Sections (CPU run; ``--gpu`` runs only the GPU sections):
    visual-token counts (``benchmarks/latency.py``);
 3. lavi_jax vs Hugging Face PyTorch on the same Qwen2 weights, float32, same threads (``benchmarks/vs_torch.py``);
 4. a train step's achieved FLOP/s against a matmul peak measured in the same run (``benchmarks/train_efficiency.py``);
+   ``hd``: LaVi-HD vs concat at LLaVA-OneVision-7B's real token counts (a 1024x768 photo, a 4:1 panorama,
+   a 32-frame video; ``benchmarks/hd_geometry.py``): 7B FLOPs and cache memory, CPU latency at the scaled geometry;
 4b. packed vs bucketed training batches on LLaVA-665k-like lengths: pad fraction, real tokens/s on CPU models
    and the 7B FLOPs bound (``benchmarks/packing.py``; ``--quick``: the pipeline and Qwen2-7B's FLOPs only);
 5. ``--gpu``: MFU of a Qwen2-0.5B-shaped train step and LaVi vs concat latency at 7B geometry in bf16.
@@ -29,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-CPU_SECTIONS = ("flops", "latency", "vs_torch", "train", "packing")
+CPU_SECTIONS = ("flops", "latency", "vs_torch", "train", "packing", "hd")
 
 
 def parse_args(argv=None):
@@ -130,6 +132,11 @@ def run_cpu(args) -> dict:
         log("[packing] packed vs bucketed training batches, LLaVA-665k-like lengths")
         out["packing"] = (packing.run(batches=100, reps=2, models=(), configs_7b=("7B",), log=log) if quick
                           else packing.run(log=log))
+    if "hd" in sections:
+        from benchmarks import hd_geometry
+
+        log(f"[hd] LaVi-HD vs concat at LLaVA-OneVision-7B's token counts ({'lowered' if quick else 'compiled'} programs)")
+        out["hd"] = hd_geometry.run(compiled=not quick, reps=3 if quick else 5, log=log)
     if "train" in sections:
         log("[train] train step efficiency")
         out["train"] = train_efficiency.run(common.model_config("modulation", scaled=True), batch=4, seq=128, frames=1,

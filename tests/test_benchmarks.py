@@ -34,3 +34,18 @@ def test_report_rows_and_findings_from_stored_results(name):
     old = any("reduction_pct_if_text_logits_only" in s for s in r["flops"]["settings"].values())
     assert ("LM-head logits at the visual positions" in text) == old
     assert "latency" not in r or "Generation LaVi vs concat" in text
+
+
+def test_report_rows_of_the_hd_geometry_results():
+    """LaVi-HD vs concat rows at OneVision's geometry: one FLOPs, cache and latency row per input, HF's counts."""
+    with open(os.path.join(RESULTS, "cpu-hd.json")) as f:
+        r = json.load(f)
+    h = r["hd"]["settings"]
+    assert {n: (s["tiles"], s["concat_tokens"]) for n, s in h.items()} == {
+        "1024x768 photo": (7, 4725), "2048x512 panorama (4:1)": (13, 7249), "32-frame video": (32, 6273)}
+    rows = report.rows(r)
+    flops = [row for row in rows if row[0].startswith("LaVi-HD FLOPs / sample")]
+    assert [f"-{s['reduction_pct']:.1f} %" in row[4] for row, s in zip(flops, h.values())] == [True] * 3
+    assert sum(row[0].startswith("KV + visual cache") for row in rows) == 3
+    assert sum(row[0].startswith("End-to-end, 32 new tokens, OneVision") for row in rows) == len(r["hd"]["latency"])
+    assert "LaVi-HD at LLaVA-OneVision-7B's geometry" in "\n".join(report.findings(r))
