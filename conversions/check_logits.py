@@ -8,6 +8,11 @@
   with :class:`conversions.torch_lavi.LaViReference` (text, or text + images);
 * an HF LLaVA directory (``LlavaForConditionalGeneration``, concat fusion): its
   image placeholders are expanded to the number of visual tokens HF expects;
+* an HF LLaVA-NeXT / LLaVA-OneVision directory (``LlavaNextForConditionalGeneration``,
+  ``LlavaOnevisionForConditionalGeneration``, imported with its anyres geometry):
+  HF's side processes the images with the directory's own image processor
+  (``preprocessor_config.json``, PIL backend), ours with the checkpoint's; each
+  placeholder is expanded to as many tokens as HF's model packs for its image;
 * an HF causal-LM directory: text only.
 
 The prompt is tokenised with the checkpoint's tokenizer (else ``HF_DIR``'s);
@@ -58,12 +63,22 @@ def input_ids(prompt: str, tokenizer_path: str | None, image_token_id: int, voca
     return np.asarray([ids], np.int32)
 
 
-def load_pixels(paths: list[str], model_cfg, processor: str | None) -> np.ndarray:
-    """[1, N, 1, H, W, 3] processed pixels."""
+def load_pixels(paths: list[str], model_cfg, processor: str | None) -> dict:
+    """The model's visual inputs: ``pixel_values`` [1, N, F, H, W, 3] (F = 1, or 1 + max_crops for an anyres
+    model, with ``item_mask`` and ``image_sizes``)."""
+    from lavi_jax.data.anyres import AnyresProcessor
     from lavi_jax.data.image_processor import load_image, make_image_processor
+    from lavi_jax.models import anyres
 
     proc = make_image_processor(processor or model_cfg.vision.type, model_cfg.vision.image_size)
-    return np.stack([proc(load_image(p)) for p in paths])[None, :, None].astype(np.float32)
+    images = [load_image(p) for p in paths]
+    if not anyres.enabled(model_cfg):
+        return {"pixel_values": np.stack([proc(im) for im in images])[None, :, None].astype(np.float32)}
+    tiler = AnyresProcessor.from_config(model_cfg.anyres, proc)
+    tile = tiler.square if len(images) > 1 and not tiler.tiles_multi_images else tiler
+    frames = [tile(im) for im in images]
+    return {"pixel_values": np.stack([f[0] for f in frames])[None], "item_mask": np.stack([f[1] for f in frames])[None],
+            "image_sizes": np.asarray([[[im.height, im.width] for im in images]], np.int32)}
 
 
 def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
@@ -76,7 +91,48 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
             "top1_agreement": float((ours.argmax(-1) == ref.argmax(-1)).mean()), "positions": int(ours.shape[0])}
 
 
-def reference_logits(hf_dir: str, ids: np.ndarray, pixels: np.ndarray | None, model_cfg) -> tuple[np.ndarray, str]:
+def expand_placeholders(ids: np.ndarray, image_token_id: int, counts: list[int]) -> tuple[list[int], list[int]]:
+    """HF's row (the k-th placeholder repeated ``counts[k]`` times) and where each of our tokens sits in it."""
+    row, pos, k = [], [], 0
+    for t in ids[0]:
+        if t == image_token_id and k < len(counts):
+            row += [image_token_id] * counts[k]
+            k += 1
+        else:
+            row.append(int(t))
+        pos.append(len(row) - 1)
+    return row, pos
+
+
+def anyres_reference(hf_dir: str, model_type: str, ids: np.ndarray, paths: list[str]) -> tuple[np.ndarray, str]:
+    """Logits [T, V] of HF LLaVA-NeXT / OneVision on ``paths`` processed by ``hf_dir``'s image processor."""
+    import torch
+    import transformers
+
+    from lavi_jax.data.image_processor import load_image
+
+    if not os.path.isfile(os.path.join(hf_dir, "preprocessor_config.json")):
+        raise ValueError(f"{hf_dir} has no preprocessor_config.json (HF's side of an image check needs its processor)")
+    proc = transformers.AutoImageProcessor.from_pretrained(hf_dir, backend="pil")
+    images = [load_image(p) for p in paths]
+    cls = transformers.LlavaNextForConditionalGeneration if model_type == "llava_next" else transformers.LlavaOnevisionForConditionalGeneration
+    model = cls.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    kw = {}
+    if model_type == "llava_onevision":  # a multi-image prompt is not tiled
+        out = proc(images=[images], return_tensors="pt")
+        kw["batch_num_images"] = torch.tensor([len(images)])
+    else:
+        out = proc(images=images, return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=out["pixel_values"], image_sizes=out["image_sizes"], **kw)
+        row, pos = expand_placeholders(ids, model.config.image_token_id, [f.shape[0] for f in feats.pooler_output])
+        logits = model(input_ids=torch.tensor([row]), pixel_values=out["pixel_values"], image_sizes=out["image_sizes"],
+                       **kw).logits[0].numpy()
+    return logits[pos], cls.__name__
+
+
+def reference_logits(hf_dir: str, ids: np.ndarray, pixels: np.ndarray | None, model_cfg,
+                     paths: list[str] | None = None) -> tuple[np.ndarray, str]:
     """Logits [T, V] of the PyTorch side, and what it was."""
     import torch
 
@@ -91,21 +147,23 @@ def reference_logits(hf_dir: str, ids: np.ndarray, pixels: np.ndarray | None, mo
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         model_type = json.load(f).get("model_type")
-    if model_type in ("llava", "llava_onevision"):
-        if pixels is not None and model_type != "llava":
-            raise ValueError("image parity with LLaVA-OneVision is not defined (anyres tiles and image_newline "
-                             "are not modelled); run without --image")
-        cls = transformers.LlavaForConditionalGeneration if model_type == "llava" else transformers.LlavaOnevisionForConditionalGeneration
+    if model_type in ("llava_next", "llava_onevision") and pixels is not None:
+        from lavi_jax.models import anyres
+
+        if not anyres.enabled(model_cfg):
+            raise ValueError(f"{hf_dir} is {model_type} (anyres) but the checkpoint has no anyres geometry; "
+                             "import it with --fusion concat")
+        return anyres_reference(hf_dir, model_type, ids, paths)
+    if model_type in ("llava", "llava_next", "llava_onevision"):
+        cls = {"llava": transformers.LlavaForConditionalGeneration, "llava_next": transformers.LlavaNextForConditionalGeneration,
+               "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration}[model_type]
         model = cls.from_pretrained(hf_dir, dtype=torch.float32).eval()
         img = model_cfg.image_token_id
         if pixels is None:
             with torch.no_grad():
                 return model(input_ids=torch.from_numpy(ids).long()).logits[0].numpy(), cls.__name__
         P = (model_cfg.vision.image_size // model_cfg.vision.patch_size) ** 2
-        row, pos = [], []
-        for t in ids[0]:
-            row += [img] * P if t == img else [int(t)]
-            pos.append(len(row) - 1)
+        row, pos = expand_placeholders(ids, img, [P] * pixels.shape[1])
         pix = torch.from_numpy(pixels[0, :, 0].transpose(0, 3, 1, 2).copy())
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([row]), pixel_values=pix).logits[0].numpy()
@@ -132,11 +190,12 @@ def run(ckpt: str, hf_dir: str, images: list[str] | None = None, prompt: str = "
     tok = _tokenizer_dir(tokenizer_dir(ckpt), hf_dir, os.path.join(hf_dir, "llm"))
     ids = input_ids(prompt, tok, m.image_token_id, m.llm.vocab_size, len(images or []))
     processor = config.data.processor if "data" in config else None
-    pixels = load_pixels(images, m, processor) if images else None
+    visual = load_pixels(images, m, processor) if images else {}
+    pixels = visual.get("pixel_values")
     model, params = lavi_jax.load(ckpt)
-    kw = {} if pixels is None else {"pixel_values": jnp.asarray(pixels)}
+    kw = {k: jnp.asarray(v) for k, v in visual.items()}
     ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids), **kw))[0]
-    ref, what = reference_logits(hf_dir, ids, pixels, m)
+    ref, what = reference_logits(hf_dir, ids, pixels, m, images)
     stats = compare(ours, ref)
     stats.update(reference=what, tokens=int(ids.shape[1]), images=len(images or []), tokenizer=tok or "none (fixed ids)",
                  atol=atol, ok=stats["max_abs_diff"] <= atol)
@@ -146,7 +205,8 @@ def run(ckpt: str, hf_dir: str, images: list[str] | None = None, prompt: str = "
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conversions.check_logits", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="lavi_jax checkpoint")
-    p.add_argument("--hf", required=True, help="export_hf directory, HF LLaVA directory or HF causal-LM directory")
+    p.add_argument("--hf", required=True, help="export_hf directory, HF LLaVA / LLaVA-NeXT / LLaVA-OneVision directory "
+                   "or HF causal-LM directory")
     p.add_argument("--image", action="append", help="image file (repeat for several)")
     p.add_argument("--prompt", default="Describe the image.")
     p.add_argument("--atol", type=float, default=1e-4)

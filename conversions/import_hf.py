@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conversions.import_hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", help="HF causal-LM directory (Qwen2 / LLaMA / Mistral)")
     p.add_argument("--vision", help="HF SigLIP / CLIP (vision) model directory")
-    p.add_argument("--llava", help="HF LLaVA / LLaVA-OneVision directory (LLM + vision tower + projector)")
+    p.add_argument("--llava", help="HF LLaVA / LLaVA-NeXT / LLaVA-OneVision directory (LLM + vision tower + projector)")
     p.add_argument("--lavi", help="a directory written by conversions.export_hf (llm/, vision/, lavi/)")
     p.add_argument("--config", help="config file (path.py[:arg]) for the LaVi knobs and the rest of the run config")
     p.add_argument("--fusion", choices=["modulation", "concat", "none"])

@@ -108,3 +108,46 @@ def siglip_full(path, *, seed=0):
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100))
     model = randomize(transformers.SiglipModel(cfg), seed)
     return save(model, path), model
+
+
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84], [28, 112]]  # multiples of the 28-px CLIP tile
+ONEVISION_PINPOINTS = [[32 * a, 32 * b] for a in range(1, 4) for b in range(1, 4)]  # 1x1 .. 3x3 SigLIP tiles
+
+
+def llava_anyres(path, *, onevision=False, layers=2, vocab=300, seed=0, aspect="anyres_max_2"):
+    """A tiny ``LlavaNextForConditionalGeneration`` (CLIP 28/7, strategy "default", Llama) or
+    ``LlavaOnevisionForConditionalGeneration`` (SigLIP 32/8, strategy "full", Qwen2, ``vision_aspect_ratio=aspect``),
+    both 4x4 feature tokens per tile; image token ``vocab - 1``, OneVision's video token ``vocab - 2``."""
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+    if onevision:
+        vcfg = transformers.SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                               num_attention_heads=4, image_size=32, patch_size=8)
+        cfg = transformers.LlavaOnevisionConfig(
+            vision_config=vcfg, text_config=transformers.Qwen2Config(**common), image_token_index=vocab - 1,
+            video_token_index=vocab - 2, vision_feature_layer=-1, vision_feature_select_strategy="full",
+            image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio=aspect)
+        model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
+    else:
+        vcfg = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=28, patch_size=7)
+        cfg = transformers.LlavaNextConfig(
+            vision_config=vcfg, text_config=transformers.LlamaConfig(head_dim=16, **common), image_token_index=vocab - 1,
+            vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS)
+        model = transformers.LlavaNextForConditionalGeneration(cfg)
+    model = randomize(model, seed)
+    return save(model, path), model
+
+
+def anyres_image_processor(model):
+    """HF's PIL image processor matching a :func:`llava_anyres` model (the torchvision ones are not installed)."""
+    c = model.config
+    tile = c.vision_config.image_size
+    if c.model_type == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+        return LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=c.image_grid_pinpoints)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                      image_grid_pinpoints=c.image_grid_pinpoints)

@@ -303,11 +303,12 @@ def test_llava_concat_matches_hf_llava(hf, tmp_path, vision, text):
 
 
 def test_llava_onevision_import(hf):
-    """LLaVA-OneVision: LLM, vision tower and projector imported as is; image_newline reported, not imported."""
+    """LLaVA-OneVision: LLM, vision tower, projector and image_newline imported as is, with its anyres geometry."""
     path, model = hf("llava", vision="siglip", text="qwen2", onevision=True)
     notes = []
     cfg, params = importer.import_hf(llava_dir=path, log=notes.append)
-    assert any("image_newline" in n or "newline" in n for n in notes)
+    assert cfg.anyres.enabled and cfg.anyres.aspect == model.config.vision_aspect_ratio
+    np.testing.assert_array_equal(np.asarray(params["image_newline"]), model.model.image_newline.detach().numpy())
     src = tensors(path)
     find = lambda suffix: next(v for k, v in src.items() if k.endswith(suffix))
     np.testing.assert_array_equal(np.asarray(params["projector"]["linear_2"]["kernel"]), find("multi_modal_projector.linear_2.weight").T)

@@ -19,7 +19,8 @@ from lavi_jax.hf.errors import UnsupportedModel
 
 LLM_TYPES = {"qwen2": "qwen2", "llama": "llama", "mistral": "llama"}
 VISION_TYPES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip", "siglip": "siglip", "clip": "clip"}
-LLAVA_TYPES = ("llava", "llava_onevision")
+LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
+ANYRES_TYPES = ("llava_next", "llava_onevision")  # tiled images, unpadded features, image_newline
 
 
 def with_defaults(hf: dict) -> dict:
@@ -157,8 +158,9 @@ def llava_from_hf(hf: dict, **vision_overrides) -> tuple[C.ConfigDict, C.ConfigD
 
     ``vision_feature_layer`` becomes ``vision.feature_layers``; the
     ``vision_feature_select_strategy`` ``"default"`` (drop the CLS token) maps to
-    ``drop_cls`` for CLIP towers. ``extras`` holds ``image_token_id`` and the
-    source's ``model_type``.
+    ``drop_cls`` for CLIP towers. ``extras`` holds ``image_token_id``, the
+    source's ``model_type`` and, for LLaVA-NeXT / LLaVA-OneVision, ``anyres``
+    (:func:`anyres_from_hf`; None otherwise).
     """
     mt = hf.get("model_type")
     if mt not in LLAVA_TYPES:
@@ -184,4 +186,22 @@ def llava_from_hf(hf: dict, **vision_overrides) -> tuple[C.ConfigDict, C.ConfigD
                                "which lavi_jax does not model (use 'full')")
     vision = vision_from_hf(vis, **dict(dict(feature_layers=layers, drop_cls=strategy == "default"), **vision_overrides))
     image_token_id = hf.get("image_token_id", hf.get("image_token_index"))
-    return llm, vision, {"image_token_id": int(image_token_id), "model_type": mt}
+    anyres = anyres_from_hf(hf, vision) if mt in ANYRES_TYPES else None
+    return llm, vision, {"image_token_id": int(image_token_id), "model_type": mt, "anyres": anyres}
+
+
+def anyres_from_hf(hf: dict, vision: C.ConfigDict) -> C.ConfigDict:
+    """``config.model.anyres`` of a LLaVA-NeXT / LLaVA-OneVision config (``hf`` with transformers' defaults):
+    ``image_grid_pinpoints``, OneVision's ``vision_aspect_ratio``, ``max_crops`` from the largest pinpoint."""
+    from lavi_jax.models import anyres as geometry  # the checks the model makes when it is built
+
+    pins = tuple((int(h), int(w)) for h, w in hf["image_grid_pinpoints"])
+    tile = vision.image_size
+    cfg = C.anyres(enabled=True, pinpoints=pins, aspect=hf.get("vision_aspect_ratio") or "anyres", newline=True,
+                   max_crops=max((h // tile) * (w // tile) for h, w in pins) if pins else 0)
+    try:
+        geometry.validate(C.ConfigDict({"anyres": cfg, "vision": vision}))
+    except ValueError as e:
+        raise UnsupportedModel(f"{hf['model_type']}: image_grid_pinpoints / vision_aspect_ratio: {e}") from None
+    return cfg
+

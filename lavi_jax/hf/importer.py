@@ -2,21 +2,27 @@
 
 Sources: Qwen2 / Qwen2.5, LLaMA 1/2/3/3.1, Vicuna, Mistral without sliding
 window; SigLIP / CLIP vision models (bare, or a full SiglipModel / CLIPModel);
-``LlavaForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``;
-directories written by :func:`lavi_jax.hf.export_params`. The model config is
-derived from the ``config.json`` files (LaVi-only knobs from ``base`` or the
-defaults); the default fusion is ``concat`` for a LLaVA source (the source model
-itself), ``modulation`` with a vision tower, else ``none``. Conditioners and the
+``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` and
+``LlavaOnevisionForConditionalGeneration``; directories written by
+:func:`lavi_jax.hf.export_params`. The model config is derived from the
+``config.json`` files (LaVi-only knobs from ``base`` or the defaults); the
+default fusion is ``concat`` for a LLaVA source (the source model itself),
+``modulation`` with a vision tower, else ``none``. Conditioners and the
 projector are freshly initialised (zero output projections) unless the source
 has them.
+
+A LLaVA-NeXT / OneVision source imported with concat fusion keeps its anyres
+geometry (``config.model.anyres``: ``image_grid_pinpoints``, OneVision's
+``vision_aspect_ratio``, ``max_crops`` from the largest pinpoint) and its
+``image_newline``, and has no temporal embedding, so its logits equal HF's on
+the same tiles (:mod:`lavi_jax.models.anyres`). With another fusion only its
+towers (and LLM) are taken.
 
 Tensors are read one at a time and placed straight into their shards on the
 mesh (:mod:`lavi_jax.hf.placement`); only the leaves no source provides are
 initialised.
 
-Not imported from LLaVA-OneVision: ``image_newline`` and the anyres tiling
-(``image_grid_pinpoints``): the concat fusion feeds one base-resolution tile per
-image. Never imported: SigLIP's pooling head and CLIP/SigLIP text towers.
+Never imported: SigLIP's pooling head and CLIP/SigLIP text towers.
 """
 
 from __future__ import annotations
@@ -133,6 +139,9 @@ def plan(llm_dir: str | None = None, vision_dir: str | None = None, base: C.Conf
         m.image_token_id = extras["image_token_id"]
         if m.fusion == "concat" and (m.projector.type != "mlp2x_gelu" or m.projector.pool != 1):
             raise ValueError("LLaVA's projector is mlp2x_gelu without pooling; set projector.type='mlp2x_gelu', pool=1")
+        if m.fusion == "concat" and extras["anyres"] is not None:  # the source's tiling, newline and no temporal table
+            m.anyres = extras["anyres"]
+            m.projector.temporal_embedding = False
     else:
         m.llm = hf_config.llm_from_hf(hf_config.read_config(llm_dir))
         if vision_dir is not None:
@@ -166,8 +175,13 @@ def plan(llm_dir: str | None = None, vision_dir: str | None = None, base: C.Conf
             src.entries += mapping.rename(proj, lambda n: pprefix + n)
         else:
             src.unused[pprefix + "multi_modal_projector."] = f"LLaVA projector (fusion={m.fusion!r} uses its own)"
-        for p in ("image_newline", "model.image_newline"):
-            src.unused[p] = "LLaVA-OneVision anyres newline embedding (not modelled)"
+        newline = mapping.expand(mapping.newline_rules(m), num_layers=0)
+        if newline:
+            nprefix = mapping.detect_prefix(names, "image_newline", mapping.PROJECTOR_PREFIXES) or ""
+            src.entries += mapping.rename(newline, lambda n: nprefix + n)
+        else:
+            for p in ("image_newline", "model.image_newline"):
+                src.unused[p] = f"anyres newline embedding (fusion={m.fusion!r} does not use it)"
         sources.append(src)
     else:
         src = Source(llm_dir)

@@ -12,7 +12,8 @@ Three tensor families are mapped:
 * the LLM (HF ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` names),
 * the vision tower (HF ``SiglipVisionModel`` / ``CLIPVisionModel`` names,
   relative to the vision transformer),
-* the LaVi-only tensors (projector and conditioners) in the ``lavi/`` export
+* the LaVi-only tensors (projector, conditioners, an anyres concat model's
+  ``image_newline``) in the ``lavi/`` export
   format read by ``conversions.torch_lavi``: ``projector.*`` and, for a
   modulated HF norm at ``model.layers.{i}.input_layernorm``, its conditioner at
   ``model.layers.{i}.input_layernorm.conditioner.*`` (``model.norm.conditioner.*``
@@ -152,6 +153,14 @@ def projector_rules(cfg=None, hf_prefix: str = "multi_modal_projector.", tempora
     return rules
 
 
+def newline_rules(model_cfg) -> list[Rule]:
+    """LLaVA-NeXT / OneVision's ``image_newline`` [hidden] (concat fusion with ``anyres.newline``)."""
+    a = model_cfg.get("anyres")
+    if model_cfg.fusion != "concat" or a is None or not a.enabled or not a.newline:
+        return []
+    return [Rule("image_newline", "image_newline", COPY)]
+
+
 def conditioner_rules(cfg) -> list[Rule]:
     """One conditioner's tensors, relative to the conditioner (torch ``nn.Linear`` / ``nn.Conv2d`` names)."""
     o_proj = [Rule("o_proj/bias", "o_proj.bias", FLAT)]
@@ -266,7 +275,7 @@ def lavi_entries(model_cfg) -> list[Entry]:
     if model_cfg.fusion == "modulation" and anyres is not None and anyres.enabled and anyres.tile_embedding == "grid":
         rules += [Rule(n, f"projector.{n}", COPY) for n in ("tile_base_embedding", "tile_row_embedding", "tile_col_embedding")]
     proj = expand(rules, num_layers=0, jax_prefix="projector/")
-    return proj + conditioner_entries(model_cfg)
+    return proj + expand(newline_rules(model_cfg), num_layers=0) + conditioner_entries(model_cfg)
 
 
 def rename(entries: list[Entry], fn: Callable[[str], str]) -> list[Entry]:

@@ -71,7 +71,8 @@ from lavi_jax.models.decoder import Decoder, DecoderOutput
 from lavi_jax.models.layers import dtype_of
 from lavi_jax.models.projector import Projector, tokens_per_frame
 from lavi_jax.models import anyres
-from lavi_jax.models.splice import item_positions, segment_positions, splice, splice_layout, splice_segments
+from lavi_jax.models.splice import (concat_layout, item_positions, segment_positions, splice, splice_layout,
+                                    splice_segments)
 from lavi_jax.models.vit import VisionTower
 
 FUSIONS = ("modulation", "concat", "none")
@@ -99,7 +100,12 @@ class LaVi(nn.Module):
         self.llm = Decoder(c.llm, c.conditioner if modulation else None, dt, pdt, c.scan_layers, c.remat_policy,
                            c.get("attention", "auto"))  # configs saved before the knob existed lack it
         if c.fusion != "none":
-            self.vision = VisionTower(c.vision, dt, pdt)
+            self.vision = VisionTower(c.vision, dt, pdt, c.get("attention", "auto"))
+            anyres.validate(c)
+            if c.fusion == "concat" and anyres.enabled(c) and c.anyres.newline:
+                init = nn.initializers.normal(c.llm.hidden_size**-0.5)  # HF's initialisation
+                self.image_newline = self.param("image_newline", nn.with_logical_partitioning(init, ("embed",)),
+                                                (c.llm.hidden_size,), pdt)
             width = c.conditioner.width if modulation else c.llm.hidden_size
             tile_grid = max_grid(c.anyres.pinpoints, c.vision.image_size) if self._hd else (0, 0)
             self.projector = Projector(c.projector, width, "cond_embed" if modulation else "embed", dt, pdt, tile_grid)
@@ -180,7 +186,13 @@ class LaVi(nn.Module):
         P = tokens_per_frame(c)
         if tokens.shape[3] != P:
             raise ValueError(f"the projector returned {tokens.shape[3]} tokens per frame, the config gives {P}")
-        layout = splice_layout(input_ids, attention_mask, item_mask, c.image_token_id, P)
+        if anyres.enabled(c):
+            if image_sizes is None and self.is_initializing():
+                image_sizes = jnp.zeros((B, N, 2), jnp.int32)
+            layout = concat_layout(c, input_ids, attention_mask, item_mask, image_sizes)
+            tokens, _ = anyres.concat_tokens(c, tokens, item_mask, image_sizes, self.image_newline if c.anyres.newline else None)
+        else:
+            layout = splice_layout(input_ids, attention_mask, item_mask, c.image_token_id, P)
         embeds = splice(self.llm.embed(input_ids), tokens.reshape(B, N, -1, tokens.shape[-1]), layout)
         llm_mask = layout.mask
         if cache is not None:  # keys past the prefix are later decode steps (hidden by causality here)

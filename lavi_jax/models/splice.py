@@ -4,7 +4,9 @@ Row b's k-th ``image_token_id`` is item k's placeholder. For ``fusion="concat"``
 each placeholder of the first N items is replaced by its item's L = F * P
 visual tokens (F frames of P tokens each), so a row of T tokens becomes
 ``T_out = T + N * (L - 1)`` tokens (rows with fewer placeholders leave masked
-slots at the end). The layout depends on shapes and token ids only, so the
+slots at the end). Items with a variable number of tokens (anyres) take L
+slots each, their valid tokens first; the masked rest neither attends nor
+counts for positions, so the valid tokens form the sequence HF builds. The layout depends on shapes and token ids only, so the
 generator computes it without running the model.
 
 A packed row (``segment_ids`` [B, T]: 1, 2, ... per packed sequence, 0 on
@@ -59,12 +61,17 @@ def spliced_length(seq_len: int, num_items: int, num_frames: int, tokens_per_fra
 
 
 def splice_layout(input_ids: jax.Array, attention_mask: jax.Array, item_mask: jax.Array, image_token_id: int,
-                  tokens_per_frame: int) -> SpliceLayout:
-    """The concat layout of ``input_ids`` [B, T] with ``attention_mask`` [B, T] and ``item_mask`` [B, N, F]."""
+                  tokens_per_frame: int, token_mask: jax.Array | None = None) -> SpliceLayout:
+    """The concat layout of ``input_ids`` [B, T] with ``attention_mask`` [B, T] and ``item_mask`` [B, N, F].
+
+    ``token_mask`` bool [B, N, L] (items of a variable number of tokens, valid ones first) replaces the
+    fixed F * P tokens per item: item k spans L slots, its valid tokens first, and a placeholder's logits
+    are read at its item's last valid token.
+    """
     B, T = input_ids.shape
     N, F = item_mask.shape[1:]
-    L = F * tokens_per_frame
-    T_out = spliced_length(T, N, F, tokens_per_frame)
+    L = F * tokens_per_frame if token_mask is None else token_mask.shape[2]
+    T_out = T + N * (L - 1)
     is_img = input_ids == image_token_id
     is_img &= (jnp.cumsum(is_img, axis=1) - 1) < N  # placeholders past the N-th stay text
     extra = jnp.where(is_img, L - 1, 0)
@@ -78,10 +85,33 @@ def splice_layout(input_ids: jax.Array, attention_mask: jax.Array, item_mask: ja
     safe = jnp.where(present, pos, 0)
     item_start = jnp.take_along_axis(start, safe, axis=1)
     slots = jnp.where(present[:, :, None], item_start[:, :, None] + jnp.arange(L)[None, None, :], T_out)
-    frame_ok = jnp.repeat(item_mask, tokens_per_frame, axis=2) & present[:, :, None]
+    frame_ok = jnp.repeat(item_mask, tokens_per_frame, axis=2) if token_mask is None else token_mask.astype(jnp.bool_)
+    frame_ok &= present[:, :, None]
     placeholder_ok = jnp.take_along_axis(valid.astype(jnp.bool_), safe, axis=1)
     mask = mask.at[rows[:, :, None], slots].set((frame_ok & placeholder_ok[:, :, None]).astype(jnp.int32), mode="drop")
-    return SpliceLayout(start, start + extra, slots.astype(jnp.int32), mask, T_out)
+    last = start + extra
+    if token_mask is not None:  # a placeholder's span ends at its item's last valid token
+        count = jnp.sum(token_mask, axis=2, dtype=jnp.int32)  # [B, N]
+        item_last = item_start + jnp.maximum(count, 1) - 1
+        rank = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, N - 1)
+        last = jnp.where(is_img, jnp.take_along_axis(item_last, rank, axis=1), last)
+    return SpliceLayout(start, last, slots.astype(jnp.int32), mask, T_out)
+
+
+def concat_layout(model_cfg, input_ids: jax.Array, attention_mask: jax.Array, item_mask: jax.Array,
+                  image_sizes: jax.Array | None = None) -> SpliceLayout:
+    """The concat layout of a ``config.model`` (anyres items take ``image_sizes`` [B, N, 2]), from shapes,
+    token ids and geometry alone (what the generator needs before running the model)."""
+    from lavi_jax.models import anyres
+    from lavi_jax.models.projector import tokens_per_frame
+
+    P = tokens_per_frame(model_cfg)
+    token_mask = None
+    if anyres.enabled(model_cfg):
+        if image_sizes is None:
+            raise ValueError("an anyres model (config.model.anyres.enabled) needs image_sizes [B, N, 2]")
+        token_mask = anyres.concat_token_mask(model_cfg, item_mask, image_sizes, P)
+    return splice_layout(input_ids, attention_mask, item_mask, model_cfg.image_token_id, P, token_mask)
 
 
 def splice(text: jax.Array, visual: jax.Array, layout: SpliceLayout) -> jax.Array:
