@@ -318,3 +318,38 @@ def test_check_logits_cli_on_anyres_models(models, tmp_path, capsys, kind):
     text = capsys.readouterr().out
     assert "OK" in text and type(hf).__name__ in text, text
     print(text)
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_visual_token_counts_at_7b_geometry_equal_hf(kind):
+    """LLaVA-v1.6 (CLIP 336/14, 5 pinpoints) and LLaVA-OneVision-7B (SigLIP 384/14, 36 pinpoints, anyres_max_9):
+    our per-image token counts equal HF's pack_image_features (features of width 8 stand in for the real ones)."""
+    import transformers
+
+    ov = kind == "onevision"
+    tile = 384 if ov else 336
+    v = (transformers.SiglipVisionConfig if ov else transformers.CLIPVisionConfig)(
+        hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, image_size=tile, patch_size=14)
+    t = transformers.Qwen2Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1)
+    hf = (transformers.LlavaOnevisionModel(transformers.LlavaOnevisionConfig(vision_config=v, text_config=t)) if ov else
+          transformers.LlavaNextModel(transformers.LlavaNextConfig(vision_config=v, text_config=t)))
+    pins, P = hf.config.image_grid_pinpoints, (tile // 14) ** 2
+    m = C.model(fusion="concat", vision=C.vision(type="siglip" if ov else "clip", image_size=tile, patch_size=14),
+                anyres=C.anyres(enabled=True, pinpoints=tuple(map(tuple, pins)), aspect="anyres_max_9" if ov else "anyres",
+                                max_crops=max((h // tile) * (w // tile) for h, w in pins)))
+    rng = np.random.default_rng(2)
+    sizes = [(768, 1024), (512, 2048), (1080, 1920), (3000, 4000), (384, 384), (1, 1000), (4000, 3), (37, 19)] + \
+        [tuple(map(int, s)) for s in rng.integers(1, 4000, (24, 2))]
+    F = 1 + m.anyres.max_crops
+    patches = [image_size_to_num_patches(s, pins, tile) for s in sizes]
+    ref = []
+    for s, n in zip(sizes, patches):
+        kw = {"vision_aspect_ratio": "anyres_max_9"} if ov else {"vision_feature_select_strategy": "default"}
+        with torch.no_grad():
+            ref.append(int(hf.pack_image_features([torch.zeros(n, P, 8)], torch.tensor([s]), image_newline=hf.image_newline,
+                                                  **kw)[1][0]))
+    mask = np.asarray([[np.arange(F) < n] for n in patches])
+    ours = our_counts(m, mask, np.asarray(sizes, np.int32)[:, None])[:, 0]
+    print(f"{kind} 7B geometry: visual tokens " + ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(sizes[:5], ref[:5])))
+    np.testing.assert_array_equal(ours, ref)
