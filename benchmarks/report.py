@@ -219,6 +219,12 @@ and `benchmarks/results/<name>.png`, and rebuilds this file from every result fi
   median 150 text tokens; 6 % text-only as in the mix), bucketed (512 / 1,024 / 2,048) vs packed into 2,048-token rows,
   the same B rows per step; the jitted train step (stage 2) timed per batch shape and weighted by the shapes' shares;
   at 7B the FLOPs of the lowered step at the chip's peak.
+- **OneVision geometry** (`benchmarks/hd_geometry.py`, `--sections hd`): a 1024x768 photo, a 2048x512
+  panorama and a 32-frame video under LLaVA-OneVision-7B's pinpoints (`anyres_max_9`, 384-px tiles). Concat's
+  visual tokens are HF's own count (`LlavaOnevisionProcessor`); its FLOPs are the tower and projector on the
+  image's tiles plus the 7B LLM over the prompt with that many tokens. LaVi-HD runs the 7B LaVi config with
+  anyres on at the image's own tile count and at the static 37 tiles a padded batch carries. Memory: exact KV
+  and visual-cache sizes; latency: the scaled CPU geometry with the same token counts.
 - The machine may be shared: every side-by-side pair runs interleaved in one process, and the load average
   is stored with each number.
 
