@@ -1,4 +1,10 @@
-"""LaVi-Image: Vicuna-7B (LLaMA architecture) with CLIP ViT-L/14-336, penultimate-layer features."""
+"""LaVi-Image: Vicuna-7B (LLaMA architecture) with CLIP ViT-L/14-336, penultimate-layer features.
+
+    configs/lavi_vicuna7b_clip336.py[:tiny][,mixed|bf16]
+
+Precision: float32 by default; ``mixed`` for training (bf16 compute, f32 params), ``bf16`` for inference
+(``lavi_jax.config.PRECISIONS``).
+"""
 
 from lavi_jax import config as C
 
@@ -15,6 +21,11 @@ def get_config(arg: str = ""):
         projector=C.projector(type="mlp2x_gelu"),
         conditioner=C.conditioner(type="attention", width=512, num_heads=8),
     )
-    if arg == "tiny":
+    args = set(filter(None, arg.split(",")))
+    if args - {"tiny", *C.PRECISIONS}:
+        raise ValueError(f"unknown config args {sorted(args - {'tiny', *C.PRECISIONS})} (tiny, {', '.join(C.PRECISIONS)})")
+    if "tiny" in args:
         C.make_tiny(model)
+    for preset in args & set(C.PRECISIONS):
+        C.set_precision(model, preset)
     return C.experiment(model)

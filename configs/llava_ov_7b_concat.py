@@ -1,4 +1,10 @@
-"""LLaVA-OneVision-7B geometry (Qwen2-7B + SigLIP-so400m, mlp2x_gelu) with fusion="concat": the baseline LaVi is measured against."""
+"""LLaVA-OneVision-7B geometry (Qwen2-7B + SigLIP-so400m, mlp2x_gelu) with fusion="concat": the baseline LaVi is measured against.
+
+    configs/llava_ov_7b_concat.py[:tiny][,mixed|bf16]
+
+Precision: float32 by default; ``mixed`` (bf16 compute, f32 params, as the TPU benchmark trains it) or ``bf16``
+(inference), see ``lavi_jax.config.PRECISIONS``.
+"""
 
 from lavi_jax import config as C
 
@@ -14,6 +20,11 @@ def get_config(arg: str = ""):
                         image_size=384, patch_size=14, layer_norm_eps=1e-6, feature_layers=(-1,)),
         projector=C.projector(type="mlp2x_gelu"),
     )
-    if arg == "tiny":
+    args = set(filter(None, arg.split(",")))
+    if args - {"tiny", *C.PRECISIONS}:
+        raise ValueError(f"unknown config args {sorted(args - {'tiny', *C.PRECISIONS})} (tiny, {', '.join(C.PRECISIONS)})")
+    if "tiny" in args:
         C.make_tiny(model)
+    for preset in args & set(C.PRECISIONS):
+        C.set_precision(model, preset)
     return C.experiment(model)

@@ -139,6 +139,25 @@ def model(**overrides) -> ConfigDict:
     return c
 
 
+# Mixed-precision presets, (config.model.dtype, config.model.param_dtype): the compute / activation dtype and the
+# stored parameters' (MaxText's dtype / weight_dtype; the optimizer state follows the params). In every preset the
+# norms' statistics, attention softmax, logits and the loss are float32. Config files take them as an argument:
+# ``configs/lavi_qwen2_7b_siglip.py:mixed``, ``...:tiny,bf16``.
+PRECISIONS = {
+    "f32": ("float32", "float32"),  # the default: reference numerics (float32 parity with HF transformers)
+    "mixed": ("bfloat16", "float32"),  # training: float32 master params and AdamW state, bfloat16 compute
+    "bf16": ("bfloat16", "bfloat16"),  # inference: bfloat16 params and compute (half the weight memory)
+}
+
+
+def set_precision(model_config: ConfigDict, preset: str) -> ConfigDict:
+    """Sets ``dtype`` and ``param_dtype`` of ``model_config`` (in place) to a :data:`PRECISIONS` preset."""
+    if preset not in PRECISIONS:
+        raise ValueError(f"unknown precision preset {preset!r} (one of {', '.join(PRECISIONS)})")
+    model_config.dtype, model_config.param_dtype = PRECISIONS[preset]
+    return model_config
+
+
 def data(**overrides) -> ConfigDict:
     """``config.data``: the input pipeline."""
     c = ConfigDict()
