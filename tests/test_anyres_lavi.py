@@ -129,7 +129,7 @@ def test_generation_and_training_take_image_sizes(towers):
 
 def test_eval_runner_and_predict_hd(tmp_path):
     """A LaVi-HD checkpoint: the eval runner (batched, 1 + max_crops frames) and python -m lavi_jax.predict's
-    Predictor (frames trimmed to those used) give the same greedy answers on images of other aspect ratios."""
+    Predictor (frames trimmed to those used) give the same greedy answers on a wide and a tall image."""
     import json
 
     from PIL import Image
@@ -142,9 +142,9 @@ def test_eval_runner_and_predict_hd(tmp_path):
     from lavi_jax.predict import Predictor
     from tests.test_eval import random_params, tiny_config
 
-    paths = write_synthetic_vqa(str(tmp_path / "data"), num_train=1, num_eval=3, image_size=64)
+    paths = write_synthetic_vqa(str(tmp_path / "data"), num_train=1, num_eval=2, image_size=64)
     records = json.load(open(paths["eval_json"]))
-    for r, (w, h) in zip(records, ((64, 64), (150, 40), (30, 100))):  # other aspect ratios: other grids
+    for r, (w, h) in zip(records, ((150, 40), (30, 100))):  # other aspect ratios: other grids (1x3, 2x1)
         path = f"{paths['image_root']}/{r['image']}"
         Image.open(path).convert("RGB").resize((w, h)).save(path)
     config = tiny_config(paths)
