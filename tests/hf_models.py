@@ -114,26 +114,28 @@ NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84], [28, 112]]  
 ONEVISION_PINPOINTS = [[32 * a, 32 * b] for a in range(1, 4) for b in range(1, 4)]  # 1x1 .. 3x3 SigLIP tiles
 
 
-def llava_anyres(path, *, onevision=False, layers=2, vocab=300, seed=0, aspect="anyres_max_2"):
+def llava_anyres(path, *, onevision=False, layers=2, vocab=300, seed=0, aspect="anyres_max_2", tile=None, patch=None,
+                 pinpoints=None):
     """A tiny ``LlavaNextForConditionalGeneration`` (CLIP 28/7, strategy "default", Llama) or
     ``LlavaOnevisionForConditionalGeneration`` (SigLIP 32/8, strategy "full", Qwen2, ``vision_aspect_ratio=aspect``),
-    both 4x4 feature tokens per tile; image token ``vocab - 1``, OneVision's video token ``vocab - 2``."""
+    both 4x4 feature tokens per tile; image token ``vocab - 1``, OneVision's video token ``vocab - 2``.
+    ``tile`` / ``patch`` / ``pinpoints`` replace the tower's image and patch size and the canvases."""
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024)
+                  num_key_value_heads=2, max_position_embeddings=16384)
     if onevision:
         vcfg = transformers.SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                                               num_attention_heads=4, image_size=32, patch_size=8)
+                                               num_attention_heads=4, image_size=tile or 32, patch_size=patch or 8)
         cfg = transformers.LlavaOnevisionConfig(
             vision_config=vcfg, text_config=transformers.Qwen2Config(**common), image_token_index=vocab - 1,
             video_token_index=vocab - 2, vision_feature_layer=-1, vision_feature_select_strategy="full",
-            image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio=aspect)
+            image_grid_pinpoints=pinpoints or ONEVISION_PINPOINTS, vision_aspect_ratio=aspect)
         model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
     else:
         vcfg = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                                             num_attention_heads=4, image_size=28, patch_size=7)
+                                             num_attention_heads=4, image_size=tile or 28, patch_size=patch or 7)
         cfg = transformers.LlavaNextConfig(
             vision_config=vcfg, text_config=transformers.LlamaConfig(head_dim=16, **common), image_token_index=vocab - 1,
-            vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS)
+            vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints or NEXT_PINPOINTS)
         model = transformers.LlavaNextForConditionalGeneration(cfg)
     model = randomize(model, seed)
     return save(model, path), model

@@ -39,6 +39,7 @@ def models(tmp_path_factory):
     for kind in ("next", "onevision"):
         path, hf = hf_models.llava_anyres(tmp_path_factory.mktemp(kind), onevision=kind == "onevision")
         cfg, params = importer.import_hf(llava_dir=path)
+        params = jax.device_put(params, jax.devices()[0])  # one device: not replicated 8x over the host's CPU devices
         out[kind] = (path, hf, cfg, params, jax.jit(LaVi(cfg).apply))
     return out
 
@@ -255,6 +256,35 @@ def test_two_images_in_one_prompt_match_hf(logits, kind):
 
 def test_onevision_video_and_image_match_hf(logits):
     check_rows(logits, "onevision", ["video + image"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_7b_geometry_logits_match_hf(tmp_path, kind):
+    """The real towers' geometry (CLIP 336/14 with LLaVA-v1.6's pinpoints; SigLIP 384/14 with OneVision's 36
+    pinpoints and anyres_max_9) on narrow random models: a 1024 x 768 photo and a 4:1 panorama."""
+    ov = kind == "onevision"
+    tile = 384 if ov else 336
+    pins = OV_DEFAULT if ov else NEXT_DEFAULT
+    path, hf = hf_models.llava_anyres(tmp_path / kind, onevision=ov, tile=tile, patch=14, pinpoints=pins,
+                                      aspect="anyres_max_9")
+    cfg, params = importer.import_hf(llava_dir=path)
+    params = jax.device_put(params, jax.devices()[0])
+    proc = hf_models.anyres_image_processor(hf)
+    rows = [single_image_row(hf, cfg, proc, size, i) for i, size in enumerate([(768, 1024), (512, 2048)])]
+    apply = jax.jit(LaVi(cfg).apply)
+    for b, r in enumerate(rows):  # one row per call: about 9k tokens for OneVision
+        ids, hf_ids, pos = prompts(cfg, r[1], seed=b)
+        (frames, fmask), = r[2]
+        sizes = np.asarray([[r[3][0]]], np.int32)
+        ours = np.asarray(apply({"params": params}, jnp.asarray(ids[None]), jnp.asarray(frames[None, None]),
+                                jnp.asarray(fmask[None, None]), image_sizes=jnp.asarray(sizes)))[0]
+        assert our_counts(cfg, fmask[None, None], sizes)[0, 0] == r[1][0]
+        with torch.no_grad():
+            ref = hf(input_ids=hf_ids, **r[4]).logits[0].numpy()[pos]
+        err = float(np.abs(ours - ref).max())
+        print(f"{kind} 7B geometry {r[0]}: {r[1][0]} visual tokens, max abs logit diff {err:.1e}")
+        assert err < ATOL
 
 
 # ----------------------------------------------------------------------------- import, bad input, check_logits
