@@ -66,6 +66,8 @@ def rows(r: dict) -> list[tuple[str, ...]]:
                      else f"{100 * s['same_tokens']:.0f} % same tokens")
             out.append((f"JAX vs PyTorch: {name}", f"{where}; {check}", f"JAX {_s(s['jax_s'])}", f"PyTorch {_s(s['torch_s'])}",
                         f"JAX/PT {s['ratio']:.2f}", "JAX/PT < 1"))
+    if "tpu" in r:
+        out += tpu_rows(r["tpu"])
     if "train" in r:
         t = r["train"]
         what = (f"{t['fusion']}, {t['params'] / 1e6:.0f}M params, B={t['batch']} T={t['seq']}"
@@ -119,6 +121,83 @@ def hd_rows(h: dict, platform: str) -> list[tuple[str, ...]]:
     return out
 
 
+def _gib(b) -> str:
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def _peak(r: dict):
+    return (r or {}).get("bytes_per_device", {}).get("peak")
+
+
+def _ratio(a, b, fmt="{:.2f}x") -> str:
+    return fmt.format(a / b) if a is not None and b else ""
+
+
+def _fit(r: dict) -> str:
+    if not r or "error" in r:
+        return "failed"
+    if "compiler_error" in r:
+        return "does not fit (compiler)"
+    return f"{_gib(_peak(r))}{'' if r.get('fits', True) else ' (does not fit)'}"
+
+
+def tpu_rows(t: dict) -> list[tuple[str, ...]]:
+    """Rows of the TPU-compiler section (benchmarks/tpu.py)."""
+    out, tr, gen = [], t.get("train", {}), t.get("generation", {})
+    for topo, stages in tr.get("runs", {}).items():
+        for stage, f in stages.items():
+            lv, cc = f.get("modulation", {}), f.get("concat", {})
+            where = f"{topo}, {stage}, {t['train_batch']} x {t['train_seq']} + 1 image"
+            hbm = next((x["hbm_bytes"] for x in (lv, cc) if "hbm_bytes" in x), None)
+            out.append(("Train step peak memory / chip (TPU compiler)", where, f"LaVi {_fit(lv)}", f"concat {_fit(cc)}",
+                        _ratio(_peak(lv), _peak(cc)), f"HBM {_gib(hbm)}"))
+            if "flops" in lv and "flops" in cc:
+                out.append(("Train FLOPs / step", where, f"LaVi {lv['flops'] / 1e15:.2f} PFLOP",
+                            f"concat {cc['flops'] / 1e15:.2f} PFLOP", _ratio(lv["flops"], cc["flops"]), ""))
+            if "seconds_lower_bound" in lv and "seconds_lower_bound" in cc:
+                out.append(("Train step time at peak (lower bound)", where, f"LaVi {_s(lv['seconds_lower_bound'])}",
+                            f"concat {_s(cc['seconds_lower_bound'])}", _ratio(lv["seconds_lower_bound"], cc["seconds_lower_bound"]), ""))
+    for topo, meshes in tr.get("batch_search", {}).items():
+        for mesh, f in meshes.items():
+            lv, cc = f.get("modulation", {}), f.get("concat", {})
+            got = lambda x: "n/a" if "largest" not in x else (str(x["largest"]) if x["largest"] else "< 256")
+            tried = lambda x: ", ".join(f"{b}{'' if v.get('fits') else ' no'}" for b, v in x.get("tried", {}).items())
+            out.append(("Largest global batch, stage 2 (TPU compiler)", f"{topo}, mesh {mesh}; tried LaVi: {tried(lv)}"
+                        + (f"; concat: {tried(cc)}" if cc else ""), f"LaVi {got(lv)}", f"concat {got(cc)}", "", ">= 256"))
+    for topo, f in tr.get("xla_attention", {}).items():
+        for fusion, x in f.items():
+            splash = tr.get("runs", {}).get(topo, {}).get("stage 2", {}).get(fusion, {})
+            temp = lambda r: (r or {}).get("bytes_per_device", {}).get("temp")
+            out.append(("Train step temp / chip: splash vs xla", f"{topo}, stage 2, {LABEL_FUSION[fusion]}",
+                        f"splash {_gib(temp(splash))}", f"xla {_gib(temp(x))}", _ratio(temp(splash), temp(x)),
+                        "splash lower"))
+    for topo, batches in gen.get("runs", {}).items():
+        for batch, tiles in batches.items():
+            for tile, f in tiles.items():
+                lv, cc = f.get("modulation", {}), f.get("concat", {})
+                where = f"{topo}, {batch}, {tile} (729 tok. each), {t['prompt']}-token prompt"
+                tot = lambda x: x["prefill"]["flops"] + x["decode"]["flops"] if "flops" in x.get("prefill", {}) and "flops" in x.get("decode", {}) else None
+                if tot(lv) and tot(cc):
+                    out.append((f"Prefill + {t['decode_steps']} decode FLOPs (TPU compiler)", where, f"LaVi {tot(lv) / 1e12:.2f} TFLOP",
+                                f"concat {tot(cc) / 1e12:.2f} TFLOP", _ratio(tot(lv), tot(cc)), "0.06x (paper: -94 %)"))
+                pk = lambda x: max([p for p in (_peak(x.get("prefill")), _peak(x.get("decode"))) if p is not None], default=None)
+                out.append(("Generation peak memory / chip", where, f"LaVi {_gib(pk(lv))}", f"concat {_gib(pk(cc))}",
+                            _ratio(pk(lv), pk(cc)), f"{PAPER['memory_ratio']}x"))
+                est = lambda x: (x.get("prefill", {}).get("compiler_seconds_estimate"), x.get("decode", {}).get("compiler_seconds_estimate"))
+                if all(v is not None for v in est(lv) + est(cc)):
+                    e = lambda x: sum(est(x))
+                    out.append(("Generation time, compiler's estimate", where, f"LaVi {_s(e(lv))}", f"concat {_s(e(cc))}",
+                                _ratio(e(cc), e(lv), "{:.2f}x faster"), f"{PAPER['speedup']}x faster"))
+                lb = lambda x: (x.get("prefill", {}).get("seconds_lower_bound", 0) + x.get("decode", {}).get("seconds_lower_bound", 0)) or None
+                if lb(lv) and lb(cc):
+                    out.append(("Generation time at peak (FLOP bound)", where, f"LaVi {_s(lb(lv))}", f"concat {_s(lb(cc))}",
+                                _ratio(lb(cc), lb(lv), "{:.2f}x faster"), f"{PAPER['speedup']}x faster"))
+    return out
+
+
+LABEL_FUSION = {"modulation": "LaVi", "concat": "concat"}
+
+
 def table(rs: list) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rs]
@@ -147,6 +226,8 @@ def plot(r: dict, directory: str) -> str | None:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return None
     panels = [k for k in ("flops", "latency") if k in r]
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, key in zip(axes[0], panels):
         settings = [s for s in r[key]["settings"].values() if "error" not in s]
@@ -246,6 +327,19 @@ and `benchmarks/results/<name>.png`, and rebuilds this file from every result fi
 
 def findings(r: dict) -> list[str]:
     out = []
+    if "tpu" in r:
+        t = r["tpu"]
+        out.append("Programs compiled by libtpu for the abstract chips of each topology on a CPU host (no TPU): memory is "
+                   "XLA's analysis per chip (arguments + outputs + temp - donated) against the chip's HBM; FLOPs count "
+                   "every layer (the programs lowered unrolled, with XLA attention, which counts the full score matrix); "
+                   "time bounds are those FLOPs at the chip's nominal bf16 peak (v5e 197, v5p 459 TFLOP/s). Mesh "
+                   f"{t['mesh']}; training preset mixed (bf16 compute, f32 params and AdamW state), scanned layers, "
+                   "full remat; generation preset bf16.")
+        for part in ("train", "generation"):
+            p = t.get(part, {})
+            if "finished" not in p:
+                out.append(f"The {part} part did not finish (started {p.get('started', '?')}): the rows above are what it "
+                           "had measured; the settings it did not reach are missing.")
     if "flops" in r:
         s = sorted(r["flops"]["settings"].values(), key=lambda x: x["visual_tokens"])
         out.append("FLOPs reduction: " + ", ".join(f"{x['reduction_pct']:.1f} % at {x['visual_tokens']:,}" for x in s)
@@ -318,7 +412,8 @@ def write_markdown(directory: str, path: str) -> str:
         where = (f"{m['device']}" if m["platform"] == "gpu" else
                  f"{m['cpu']}, {r.get('threads')} of {m['cores']} cores, {m['memory_gib']} GiB")
         versions = ", ".join(f"{k} {m[k]}" for k in ("jax", "flax", "torch", "transformers") if k in m)
-        parts.append(f"## `{r['name']}`\n\n- Date: {r['date']}\n- Machine: {where}; {versions}\n"
+        title = f"TPU compiler (AOT, no TPU needed): `{r['name']}`" if "tpu" in r else f"`{r['name']}`"
+        parts.append(f"## {title}\n\n- Date: {r['date']}\n- Machine: {where}; {versions}\n"
                      f"- Command: `{r['command']}` ({r['elapsed_s'] / 60:.1f} min; load average "
                      f"{r['load_average'][0]} at start, {r['load_average'][1]} at end)\n")
         parts.append(table(rows(r)) + "\n")

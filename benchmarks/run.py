@@ -1,6 +1,7 @@
 """Reproduces LaVi's efficiency claims with this code and measures it against Hugging Face PyTorch.
 
     python benchmarks/run.py [--quick] [--gpu] [--threads 2] [--name NAME] [--sections flops,latency,vs_torch,train]
+    python benchmarks/run.py --sections tpu     # the TPU compiler's view (needs libtpu, no TPU; ~1 h on 2 cores)
 
 Sections (CPU run; ``--gpu`` runs only the GPU sections):
 
@@ -14,7 +15,9 @@ Sections (CPU run; ``--gpu`` runs only the GPU sections):
    a 32-frame video; ``benchmarks/hd_geometry.py``): 7B FLOPs and cache memory, CPU latency at the scaled geometry;
 4b. packed vs bucketed training batches on LLaVA-665k-like lengths: pad fraction, real tokens/s on CPU models
    and the 7B FLOPs bound (``benchmarks/packing.py``; ``--quick``: the pipeline and Qwen2-7B's FLOPs only);
-5. ``--gpu``: MFU of a Qwen2-0.5B-shaped train step and LaVi vs concat latency at 7B geometry in bf16.
+5. ``--gpu``: MFU of a Qwen2-0.5B-shaped train step and LaVi vs concat latency at 7B geometry in bf16;
+6. ``--sections tpu`` (not in the default run): LaVi vs concat at 7B compiled for TPU v5e / v5p slices
+   (``benchmarks/tpu.py``): per-chip memory, FLOPs, step-time bounds, the largest batch, generation.
 
 Prints one table, writes ``benchmarks/results/<name>.json`` and ``<name>.png`` and rebuilds
 ``BENCHMARKS.md`` from every result file of this suite. ``--quick`` reads the FLOPs from the lowered
@@ -32,6 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CPU_SECTIONS = ("flops", "latency", "vs_torch", "train", "packing", "hd")
+EXTRA_SECTIONS = ("tpu",)  # run only when named
 
 
 def parse_args(argv=None):
@@ -41,12 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="CPU threads for XLA and PyTorch alike (CPU run)")
     p.add_argument("--name", default=None, help="result name (default: cpu[-quick] or gpu[-quick])")
     p.add_argument("--no-markdown", action="store_true", help="do not rebuild BENCHMARKS.md")
+    p.add_argument("--resume", action="store_true",
+                   help="tpu section: keep what the part files of an earlier run measured, run only the rest")
     p.add_argument("--sections", default=",".join(CPU_SECTIONS),
                    help=f"comma-separated CPU sections to run (default: all of {', '.join(CPU_SECTIONS)})")
     args = p.parse_args(argv)
-    unknown = {x.strip() for x in args.sections.split(",") if x.strip()} - set(CPU_SECTIONS)
+    unknown = {x.strip() for x in args.sections.split(",") if x.strip()} - set(CPU_SECTIONS + EXTRA_SECTIONS)
     if unknown:
-        p.error(f"--sections: unknown {sorted(unknown)} (known: {', '.join(CPU_SECTIONS)})")
+        p.error(f"--sections: unknown {sorted(unknown)} (known: {', '.join(CPU_SECTIONS + EXTRA_SECTIONS)})")
     return args
 
 
@@ -106,14 +112,21 @@ def log(msg: str) -> None:
 
 
 def run_cpu(args) -> dict:
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    out = {}
+    if "tpu" in sections:
+        from benchmarks import tpu
+
+        log("[tpu] 7B programs compiled for TPU slices (two processes side by side)")
+        out["tpu"] = tpu.run(resume=args.resume)
+    if not set(sections) & set(CPU_SECTIONS):
+        return out
     import torch
 
     from benchmarks import common, flops, latency, train_efficiency, vs_torch
 
     torch.set_num_threads(args.threads)
     quick = args.quick
-    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    out = {}
     if "flops" in sections:
         flop_settings = dict((k, common.SETTINGS[k]) for k in (common.HEADLINE_SETTINGS if quick else common.SETTINGS))
         log(f"[flops] FLOPs per sample at 7B geometry ({'lowered' if quick else 'compiled'} programs)")
@@ -144,23 +157,46 @@ def run_cpu(args) -> dict:
     return out
 
 
+# The GPU run (one call, under 8 minutes on one H100/H200-class GPU): its geometry, in one place.
+GPU_TRAIN = dict(batch=8, seq=1024, matmul_n=8192)  # Qwen2-0.5B-shaped, text only
+GPU_LATENCY = ("1 tile", "4 tiles", "10 tiles")  # 7B geometry, one visual item of that many 729-token tiles
+
+
+def gpu_model_configs():
+    """LaVi and concat at 7B geometry for the GPU run: bf16 params and compute, cuDNN attention where it applies,
+    scanned layers (a few seconds to compile instead of minutes)."""
+    from benchmarks import common
+
+    configs = {f: common.model_config(f, dtype="bfloat16") for f in ("modulation", "concat")}
+    for m in configs.values():
+        m.update(attention="cudnn", scan_layers=True)
+    return configs
+
+
 def run_gpu(args) -> dict:
+    import tempfile
+
     import jax
     import jax.numpy as jnp
 
     from benchmarks import common, latency, train_efficiency
     from lavi_jax import config as C
 
+    # The latency section compiles each program twice (its memory reading and its timed call): a compilation
+    # cache turns the second compile into a lookup.
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lavi_jax_xla_cache_"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     quick = args.quick
     out = {}
-    log("[1/2] MFU of a Qwen2-0.5B-shaped train step (bf16 compute, f32 params)")
-    m = C.model(fusion="none", llm=C.llm(**common.QWEN2_05B), dtype="bfloat16", param_dtype="float32")
-    out["train"] = train_efficiency.run(m, batch=8, seq=1024, frames=0, reps=5 if quick else 10, matmul_n=8192,
+    log("[1/2] MFU of a Qwen2-0.5B-shaped train step (bf16 compute, f32 params, cuDNN attention)")
+    m = C.model(fusion="none", llm=C.llm(**common.QWEN2_05B), dtype="bfloat16", param_dtype="float32", attention="cudnn")
+    out["train"] = train_efficiency.run(m, batch=GPU_TRAIN["batch"], seq=GPU_TRAIN["seq"], frames=0,
+                                        reps=5 if quick else 10, matmul_n=GPU_TRAIN["matmul_n"],
                                         matmul_dtype=jnp.bfloat16, log=log)
-    log("[2/2] LaVi vs concat generation latency at 7B geometry, bf16")
-    names = ("1 tile", "4 tiles", "10 tiles") + (() if quick else ("32-frame video",))
-    configs = {f: common.model_config(f, dtype="bfloat16") for f in ("modulation", "concat")}
-    out["latency"] = latency.run(configs, {k: common.SETTINGS[k] for k in names}, reps=3 if quick else 5, log=log)
+    log("[2/2] LaVi vs concat generation latency and memory at 7B geometry, bf16, cuDNN attention")
+    names = GPU_LATENCY[:2] if quick else GPU_LATENCY
+    out["latency"] = latency.run(gpu_model_configs(), {k: common.SETTINGS[k] for k in names}, reps=3 if quick else 5,
+                                 log=log)
     stats = jax.devices()[0].memory_stats() or {}
     out["device_memory_gib"] = round(stats.get("bytes_limit", 0) / 2**30, 1)
     return out
@@ -178,7 +214,8 @@ def main(argv=None) -> int:
         return 2
     from benchmarks import report
 
-    name = args.name or ("gpu" if args.gpu else "cpu") + ("-quick" if args.quick else "")
+    only_tpu = not args.gpu and args.sections.replace(" ", "") == "tpu"
+    name = args.name or ("tpu" if only_tpu else ("gpu" if args.gpu else "cpu") + ("-quick" if args.quick else ""))
     command = "python benchmarks/run.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M %Z")

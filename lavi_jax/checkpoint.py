@@ -22,7 +22,6 @@ import json
 import os
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -51,6 +50,8 @@ def resolve(path: str) -> str:
 def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool = True, read_only: bool = False,
             save_concurrent_gb: int = 96) -> ocp.CheckpointManager:
     """``save_concurrent_gb`` bounds the host staging copy of a save (at least the largest array)."""
+    import grain  # here, not at the top: reading params needs no input pipeline (nor grain installed)
+
     # Every item a lavi_jax checkpoint may hold is registered, so reading some items never warns about the others.
     handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
                 "config": ocp.JsonCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
@@ -146,6 +147,8 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, tra
                      data_iterator) -> None:
     """Saves a training step (asynchronously): params, ``train_state`` (optimizer state, step, counters), the
     config as JSON and the grain iterator's position."""
+    import grain
+
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
         config=ocp.args.JsonSave(config), data=grain.checkpoint.CheckpointSave(data_iterator)))
@@ -156,6 +159,8 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, 
     """Restores step ``step`` into the shardings of the abstract ``params`` / ``train_state`` targets and moves
     ``data_iterator`` to the saved position. Raises :class:`CheckpointMismatch` naming the first param whose
     presence or shape differs from the target. -> ``(params, train_state)``."""
+    import grain
+
     check_tree(params, metadata_tree(mngr.item_metadata(step)["params"]), f"{mngr.directory} step {step}")
     got = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(params), train_state=ocp.args.StandardRestore(train_state),

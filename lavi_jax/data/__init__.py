@@ -4,16 +4,46 @@ Entry points: ``make_train_iterator`` / ``make_eval_iterator`` (grain pipelines)
 ``make_components`` (the run's tokenizer and image processor, checked against the
 model), ``make_tokenizer``, ``make_image_processor``. The batch layout is
 ``batch.BatchSpec``; the defaults of ``config.data`` are in ``lavi_jax.config``.
+
+Names load their submodule on first use, so importing one piece (``data.batch``)
+needs neither grain nor PyAV.
 """
 
-from lavi_jax.data.bad_records import BadRecord, BadRecordBudgetExceeded, BadRecordTracker
-from lavi_jax.data.batch import BatchSpec, bucket_length
-from lavi_jax.data.collate import Collator, pad_batch
-from lavi_jax.data.components import make_components
-from lavi_jax.data.image_processor import ImageProcessor, load_image, make_image_processor
-from lavi_jax.data.llava import ExampleBuilder
-from lavi_jax.data.media import MediaLoader, inside_root, media_items
-from lavi_jax.data.pipeline import DataIterator, make_eval_iterator, make_train_iterator, num_eval_batches
-from lavi_jax.data.records import load_records, resolve_path
-from lavi_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, make_tokenizer
-from lavi_jax.data.video import load_video, sample_indices
+import importlib
+
+_EXPORTS = {  # name -> submodule
+    "BadRecord": "bad_records",
+    "BadRecordBudgetExceeded": "bad_records",
+    "BadRecordTracker": "bad_records",
+    "BatchSpec": "batch",
+    "bucket_length": "batch",
+    "Collator": "collate",
+    "pad_batch": "collate",
+    "make_components": "components",
+    "ImageProcessor": "image_processor",
+    "load_image": "image_processor",
+    "make_image_processor": "image_processor",
+    "ExampleBuilder": "llava",
+    "MediaLoader": "media",
+    "inside_root": "media",
+    "media_items": "media",
+    "DataIterator": "pipeline",
+    "make_eval_iterator": "pipeline",
+    "make_train_iterator": "pipeline",
+    "num_eval_batches": "pipeline",
+    "load_records": "records",
+    "resolve_path": "records",
+    "ByteTokenizer": "tokenizer",
+    "HFTokenizer": "tokenizer",
+    "Tokenizer": "tokenizer",
+    "make_tokenizer": "tokenizer",
+    "load_video": "video",
+    "sample_indices": "video",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -39,6 +38,8 @@ def read_frame_folder(path: str, num_frames: int, max_pixels: int | None = None)
 
 def _decode(path: str, wanted: set[int], max_pixels: int | None) -> tuple[dict[int, Image.Image], int]:
     """Decodes the first video stream once; returns the wanted frames and the frame count."""
+    import av  # PyAV: loaded when a video is read
+
     frames, count = {}, 0
     with av.open(path) as container:
         if not container.streams.video:
@@ -63,6 +64,8 @@ def read_video(path: str, num_frames: int, max_pixels: int | None = None) -> lis
     Raises ``ValueError`` for files without decodable frames and PyAV errors
     for corrupt files.
     """
+    import av
+
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("file has no video stream")
