@@ -2,8 +2,13 @@
 
     python train.py --config configs/lavi_qwen2_7b_siglip.py        # full size
     python train.py --config configs/lavi_qwen2_7b_siglip.py:tiny   # few-MB variant, same structure
+    python train.py --config configs/lavi_qwen2_7b_siglip.py:mixed  # bf16 compute, f32 params (training)
     python train.py --config configs/lavi_qwen2_7b_siglip.py:hd     # LaVi-HD: OneVision's anyres tiles
     python train.py --config configs/lavi_qwen2_7b_siglip.py:hd,tiny
+
+Precision: float32 by default (parity with HF transformers); ``mixed`` (bf16 compute, f32 params and AdamW
+state) is what the TPU benchmark trains with, ``bf16`` (bf16 params too) is for inference
+(``lavi_jax.config.PRECISIONS``).
 
 ``hd``: each image is its whole image plus up to 36 crops of 384 px (LLaVA-OneVision-7B's
 pinpoints, ``anyres_max_9``) with a learned tile-position embedding; in ``tiny`` the
@@ -26,10 +31,13 @@ def get_config(arg: str = ""):
         conditioner=C.conditioner(type="attention", width=512, num_heads=8),
     )
     args = set(filter(None, arg.split(",")))
-    if args - {"tiny", "hd"}:
-        raise ValueError(f"unknown config args {sorted(args - {'tiny', 'hd'})} (tiny, hd)")
+    known = {"tiny", "hd", *C.PRECISIONS}
+    if args - known:
+        raise ValueError(f"unknown config args {sorted(args - known)} (tiny, hd, {', '.join(C.PRECISIONS)})")
     if "tiny" in args:
         C.make_tiny(model)
+    for preset in args & set(C.PRECISIONS):
+        C.set_precision(model, preset)
     if "hd" in args:
         s = model.vision.image_size
         model.anyres.update(enabled=True, pinpoints=tuple((h // 384 * s, w // 384 * s) for h, w in C.ONEVISION_PINPOINTS),
