@@ -18,8 +18,8 @@ tokens sits at position n + i. The cache holds the prefix (T prompt tokens, or
 for ``fusion="concat"`` the T_out tokens of the prompt with visual tokens
 spliced in) followed by ``max_new_tokens - 1`` decode slots; padding keys are
 masked, so a padded row decodes exactly as it would alone. The concat prefix
-length and mask come from :func:`lavi_jax.models.splice.splice_layout`, i.e.
-from shapes and token ids alone.
+length and mask come from :func:`lavi_jax.models.splice.concat_layout`, i.e.
+from shapes, token ids and (anyres) image sizes alone.
 
 Visual inputs. ``fusion="modulation"``: the prefill runs the vision tower once
 and each conditioner stores its visual keys/values (``visual_cache``); every
@@ -51,8 +51,7 @@ from lavi_jax import sharding
 from lavi_jax.data.batch import bucket_length
 from lavi_jax.models.decoder import init_cache
 from lavi_jax.models.lavi import LaVi, default_positions
-from lavi_jax.models.projector import tokens_per_frame
-from lavi_jax.models.splice import splice_layout
+from lavi_jax.models.splice import concat_layout
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -219,7 +218,7 @@ class Generator:
         modulated = c.fusion == "modulation" and pixel_values is not None
         prefix_mask = mask
         if concat:  # the expanded prefix, from shapes and token ids alone
-            prefix_mask = splice_layout(ids, mask, item_mask, c.image_token_id, tokens_per_frame(c)).mask
+            prefix_mask = concat_layout(c, ids, mask, item_mask, image_sizes).mask
         P = prefix_mask.shape[1]
         S = P + self.max_new_tokens - 1
         cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), init_cache(c.llm, B, S, c.dtype))

@@ -44,10 +44,11 @@ def perturb(params, seed=1, scale=0.1):
     return traverse_util.unflatten_dict(out)
 
 
-def hd_model(towers, tile_embedding="grid", max_frames=4):
+def hd_model(towers, tile_embedding="grid", max_frames=4, fusion="modulation"):
     """max_frames=4 < 1 + MAX_CROPS: with the grid embedding image items do not use the temporal table."""
     llm, vis = towers
-    base = C.model(conditioner=C.conditioner(width=32, num_heads=4), projector=C.projector(max_frames=max_frames),
+    base = C.model(fusion=fusion, conditioner=C.conditioner(width=32, num_heads=4),
+                   projector=C.projector(max_frames=max_frames, temporal_embedding=fusion == "modulation"),
                    anyres=C.anyres(enabled=True, pinpoints=PINPOINTS, max_crops=MAX_CROPS, tile_embedding=tile_embedding))
     cfg, params = importer.import_hf(llm, vis, base)
     return cfg, perturb(params)
@@ -110,6 +111,21 @@ def test_tile_positions_change_the_answer(towers):
     np.testing.assert_array_equal(a[1], b[1])  # the other row is untouched
     np.testing.assert_array_equal(a[0, :2], b[0, :2])  # before the image
     assert np.abs(a[0, 2:] - b[0, 2:]).max() > 1e-3
+
+
+def test_concat_greedy_generation_equals_full_forward(towers):
+    """Anyres concat: Generator (its cached prefix laid out from image_sizes) = argmax of full forwards."""
+    cfg, params = hd_model(towers, fusion="concat")
+    ids, pix, mask = inputs(cfg)
+    model = LaVi(cfg)
+    tokens, _ = Generator(model, max_new_tokens=2, buckets=None)(params, ids, None, pix, mask, SIZES)
+    forward = jax.jit(model.apply)
+    seq = ids
+    for i in range(2):
+        logits = forward({"params": params}, seq, pix, mask, image_sizes=SIZES)
+        nxt = np.asarray(jnp.argmax(logits[:, -1], -1), np.int32)
+        np.testing.assert_array_equal(np.asarray(tokens)[:, i], nxt)
+        seq = np.concatenate([seq, nxt[:, None]], axis=1)
 
 
 def test_generation_and_training_take_image_sizes(towers):
