@@ -180,6 +180,9 @@ class LaViReference(nn.Module):
         in_features = vcfg.hidden_size * len(m["vision"]["feature_layers"])
         hidden = llm.config.hidden_size
         anyres = m.get("anyres") or {}
+        if self.fusion == "concat" and anyres.get("enabled"):
+            raise ValueError("torch_lavi has no anyres concat path (unpadding, image_newline); the reference for an "
+                             "anyres concat model is transformers' LlavaNext / LlavaOnevision model")
         self.hd = self.fusion == "modulation" and anyres.get("enabled") and anyres.get("tile_embedding") == "grid"
         tile = m["vision"]["image_size"]
         tile_grid = (max(h // tile for h, _ in anyres["pinpoints"]), max(w // tile for _, w in anyres["pinpoints"])) \

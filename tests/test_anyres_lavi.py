@@ -210,3 +210,10 @@ def test_training_run_on_anyres_records(tmp_path):
     assert np.isfinite(metrics["loss"]) and metrics["bad_records"] == 0
     assert metrics["eval_examples"] == 8 and metrics["eval_bad_records"] == 0
     assert "tile_row_embedding" in state.params["projector"]
+
+
+def test_torch_reference_refuses_anyres_concat(towers, tmp_path):
+    cfg, params = hd_model(towers, fusion="concat")
+    exporter.export_params(cfg, params, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no anyres concat path"):
+        LaViReference.from_pretrained(str(tmp_path / "out"))
