@@ -191,6 +191,14 @@ def test_eval_pipeline_crops_sizes_and_bad_images(tmp_path):
     video = 6  # an image (tiled: the only image) then a 3-frame video, sizes (0, 0) for the video
     assert batch["item_mask"][video, 0].sum() == 1 + num_crops((90, 33), TINY_PINPOINTS, 32)
     assert batch["item_mask"][video, 1].tolist() == [True] * 3 + [False] * 7
+    # OneVision's video frames: each sampled frame resized to one tile and normalised (no tiling); the PIL
+    # reference is HF's SigLIP processor with OneVision's video settings (its own video processor needs torchvision).
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    frame_ref = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    for f, k in enumerate((0, 2, 3)):  # 3 of 4 frames sampled uniformly
+        ref = frame_ref(random_image(40, 50, seed=k), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        np.testing.assert_allclose(batch["pixel_values"][video, 1, f], ref, rtol=0, atol=1e-6)
     assert batch["image_sizes"][video].tolist() == [[90, 33], [0, 0]]
 
 
