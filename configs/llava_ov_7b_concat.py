@@ -1,6 +1,11 @@
 """LLaVA-OneVision-7B geometry (Qwen2-7B + SigLIP-so400m, mlp2x_gelu) with fusion="concat": the baseline LaVi is measured against.
 
-    configs/llava_ov_7b_concat.py[:tiny][,mixed|bf16]
+    configs/llava_ov_7b_concat.py[:tiny][,mixed|bf16][,anyres]
+
+``anyres``: OneVision's own image handling, as imported from ``llava-onevision-qwen2-7b-ov-hf``: each
+image is its whole image plus up to 36 crops of 384 px (its pinpoints, ``anyres_max_9``), features
+unpadded with an ``image_newline`` per row, no temporal embedding; in ``tiny`` the pinpoints are scaled
+to the tiny tower's image size.
 
 Precision: float32 by default; ``mixed`` (bf16 compute, f32 params, as the TPU benchmark trains it) or ``bf16``
 (inference), see ``lavi_jax.config.PRECISIONS``.
@@ -21,10 +26,16 @@ def get_config(arg: str = ""):
         projector=C.projector(type="mlp2x_gelu"),
     )
     args = set(filter(None, arg.split(",")))
-    if args - {"tiny", *C.PRECISIONS}:
-        raise ValueError(f"unknown config args {sorted(args - {'tiny', *C.PRECISIONS})} (tiny, {', '.join(C.PRECISIONS)})")
+    known = {"tiny", "anyres", *C.PRECISIONS}
+    if args - known:
+        raise ValueError(f"unknown config args {sorted(args - known)} (tiny, anyres, {', '.join(C.PRECISIONS)})")
     if "tiny" in args:
         C.make_tiny(model)
     for preset in args & set(C.PRECISIONS):
         C.set_precision(model, preset)
+    if "anyres" in args:
+        s = model.vision.image_size
+        model.anyres.update(enabled=True, pinpoints=tuple((h // 384 * s, w // 384 * s) for h, w in C.ONEVISION_PINPOINTS),
+                            max_crops=36, aspect="anyres_max_9", newline=True)
+        model.projector.temporal_embedding = False
     return C.experiment(model)
