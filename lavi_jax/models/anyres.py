@@ -8,6 +8,10 @@ HF computes the resized size as ``int(side * min(w / ow, h / oh))`` in float64;
 the int32 arithmetic here gives the same integers, float64 rounding included
 (image sides below 2**20, pinpoint sides below 2**13). The host-side (python)
 versions are in :mod:`lavi_jax.data.anyres`.
+
+For the concat fusion, :func:`concat_tokens` lays out each item's visual tokens
+as HF LLaVA-NeXT / OneVision pack them and :func:`concat_token_mask` gives the
+valid slots from geometry alone (see the section comment below).
 """
 
 from __future__ import annotations
