@@ -21,8 +21,9 @@ from flax import traverse_util
 
 # Stage presets for ``config.train.trainable``.
 STAGES = {
-    "projector+conditioners": (r"^projector/", r"conditioner"),
-    "projector+conditioners+llm": (r"^projector/", r"conditioner", r"^llm/"),
+    # image_newline (anyres concat) is new with the projector and trains with it.
+    "projector+conditioners": (r"^projector/", r"conditioner", r"^image_newline$"),
+    "projector+conditioners+llm": (r"^projector/", r"conditioner", r"^image_newline$", r"^llm/"),
     "all": (r".*",),
 }
 
