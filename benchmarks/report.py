@@ -134,7 +134,9 @@ def _ratio(a, b, fmt="{:.2f}x") -> str:
 
 
 def _fit(r: dict) -> str:
-    if not r or "error" in r:
+    if not r:
+        return "not measured"
+    if "error" in r:
         return "failed"
     if "compiler_error" in r:
         return "does not fit (compiler)"
@@ -335,6 +337,8 @@ def findings(r: dict) -> list[str]:
                    "time bounds are those FLOPs at the chip's nominal bf16 peak (v5e 197, v5p 459 TFLOP/s). Mesh "
                    f"{t['mesh']}; training preset mixed (bf16 compute, f32 params and AdamW state), scanned layers, "
                    "full remat; generation preset bf16.")
+        out.append("The TPU compiler itself reserves part of HBM: for a v5e it refuses programs above 15.75 GiB of "
+                   "the chip's 16 GiB (its refusals are the 'does not fit' entries), so a peak near 16 GiB does not fit.")
         for part in ("train", "generation"):
             p = t.get(part, {})
             if "finished" not in p:
@@ -416,6 +420,8 @@ def write_markdown(directory: str, path: str) -> str:
         parts.append(f"## {title}\n\n- Date: {r['date']}\n- Machine: {where}; {versions}\n"
                      f"- Command: `{r['command']}` ({r['elapsed_s'] / 60:.1f} min; load average "
                      f"{r['load_average'][0]} at start, {r['load_average'][1]} at end)\n")
+        if r.get("note"):
+            parts[-1] += f"- Note: {r['note']}\n"
         parts.append(table(rows(r)) + "\n")
         parts.append("\n".join(f"- {x}" for x in findings(r)) + "\n")
         if os.path.exists(os.path.join(directory, f"{r['name']}.png")):
