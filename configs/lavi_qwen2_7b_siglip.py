@@ -42,4 +42,7 @@ def get_config(arg: str = ""):
         s = model.vision.image_size
         model.anyres.update(enabled=True, pinpoints=tuple((h // 384 * s, w // 384 * s) for h, w in C.ONEVISION_PINPOINTS),
                             max_crops=36, aspect="anyres_max_9", tile_embedding="grid")
-    return C.experiment(model)
+    config = C.experiment(model)
+    if not model.anyres.enabled:  # packed rows: ~2.8x bucketing's real tokens per FLOP here (benchmarks/packing.py)
+        config.data.update(packing=True, pack_max_images=10)
+    return config

@@ -28,4 +28,6 @@ def get_config(arg: str = ""):
         C.make_tiny(model)
     for preset in args & set(C.PRECISIONS):
         C.set_precision(model, preset)
-    return C.experiment(model)
+    config = C.experiment(model)
+    config.data.update(packing=True, pack_max_images=10)  # packed rows: see benchmarks/packing.py
+    return config
