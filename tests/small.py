@@ -1,5 +1,8 @@
 """A training config small enough for tests: the demo's structure at toy width, on a given LLaVA-format set."""
 
+import jax
+from flax import traverse_util
+
 import lavi_jax
 
 
@@ -14,3 +17,12 @@ def small_config(vqa, **train):
     config.train.update(dict(dict(num_steps=6, batch_size=8, log_every=1, checkpoint_every=3, warmup_steps=2), **train))
     config.mesh.update(data=2, fsdp=2, tensor=2)
     return config
+
+
+def perturb(params, seed=1, scale=0.1):
+    """Non-zero projector (tile and temporal embeddings included) and conditioner output projections: images change the logits."""
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    hit = lambda k: k[0] == "projector" or (any("conditioner" in p for p in k) and "o_proj" in k)
+    out = {k: (v + scale * jax.random.normal(r, v.shape, v.dtype) if hit(k) else v) for (k, v), r in zip(flat.items(), keys)}
+    return traverse_util.unflatten_dict(out)

@@ -19,6 +19,7 @@ from lavi_jax.hf import exporter, importer
 from lavi_jax.models.lavi import LaVi
 from lavi_jax.train.step import loss_terms
 from tests import hf_models
+from tests.small import perturb
 
 ATOL = 1e-4
 S = 32  # the tiny SigLIP's image size
@@ -35,13 +36,6 @@ def towers(tmp_path_factory):
     return llm, vis
 
 
-def perturb(params, seed=1, scale=0.1):
-    """Non-zero projector (tile and temporal embeddings included) and conditioner output projections."""
-    flat = traverse_util.flatten_dict(params)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
-    hit = lambda k: k[0] == "projector" or (any("conditioner" in p for p in k) and "o_proj" in k)
-    out = {k: (v + scale * jax.random.normal(r, v.shape, v.dtype) if hit(k) else v) for (k, v), r in zip(flat.items(), keys)}
-    return traverse_util.unflatten_dict(out)
 
 
 def hd_model(towers, tile_embedding="grid", max_frames=4, fusion="modulation"):

@@ -25,6 +25,7 @@ from lavi_jax.hf import exporter, importer, mapping, placement, safetensors_io
 from lavi_jax.hf.safetensors_io import SafetensorsReader
 from lavi_jax.models.lavi import LaVi
 from tests import hf_models
+from tests.small import perturb
 
 ATOL = 1e-4
 
@@ -57,13 +58,6 @@ def ids_batch(vocab, image_token_id=None, placeholders=(), T=12, B=2, seed=0):
     return ids
 
 
-def perturb(params, seed=1, scale=0.1):
-    """Non-zero conditioner output projections, projector and temporal embeddings: images change the logits."""
-    flat = traverse_util.flatten_dict(params)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
-    hit = lambda k: k[0] == "projector" or (any("conditioner" in p for p in k) and "o_proj" in k)
-    out = {k: (v + scale * jax.random.normal(r, v.shape, v.dtype) if hit(k) else v) for (k, v), r in zip(flat.items(), keys)}
-    return traverse_util.unflatten_dict(out)
 
 
 def assert_trees_equal(a, b):
