@@ -14,7 +14,8 @@ Sections (CPU run; ``--gpu`` runs only the GPU sections):
    ``hd``: LaVi-HD vs concat at LLaVA-OneVision-7B's real token counts (a 1024x768 photo, a 4:1 panorama,
    a 32-frame video; ``benchmarks/hd_geometry.py``): 7B FLOPs and cache memory, CPU latency at the scaled geometry;
 4b. packed vs bucketed training batches on LLaVA-665k-like lengths: pad fraction, real tokens/s on CPU models
-   and the 7B FLOPs bound (``benchmarks/packing.py``; ``--quick``: the pipeline and Qwen2-7B's FLOPs only);
+   the 7B FLOPs bound and, with libtpu, the 7B step's per-chip memory on v5e:8x8 (``benchmarks/packing.py``;
+   ``--quick``: the pipeline and Qwen2-7B's FLOPs only);
 5. ``--gpu``: MFU of a Qwen2-0.5B-shaped train step and LaVi vs concat latency at 7B geometry in bf16;
 6. ``--sections tpu`` (not in the default run): LaVi vs concat at 7B compiled for TPU v5e / v5p slices
    (``benchmarks/tpu.py``): per-chip memory, FLOPs, step-time bounds, the largest batch, generation.
@@ -27,6 +28,7 @@ programs (compiled ones in the full run), measures two visual-token counts and f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -143,8 +145,9 @@ def run_cpu(args) -> dict:
         from benchmarks import packing
 
         log("[packing] packed vs bucketed training batches, LLaVA-665k-like lengths")
+        tpu = "v5e:8x8" if importlib.util.find_spec("libtpu") else ""  # the 7B step's per-chip memory, packed
         out["packing"] = (packing.run(batches=100, reps=2, models=(), configs_7b=("7B",), log=log) if quick
-                          else packing.run(log=log))
+                          else packing.run(topology=tpu, log=log))
     if "hd" in sections:
         from benchmarks import hd_geometry
 
