@@ -65,7 +65,7 @@ def train_config(fusion: str, stage: str, batch: int = TRAIN_BATCH, attention: s
     C.set_precision(cfg.model, "mixed")
     cfg.model.update(scan_layers=True, remat_policy="full", attention=attention)
     cfg.train.update(batch_size=batch, trainable=STAGES[stage])
-    cfg.data.update(seq_buckets=(TRAIN_SEQ,), max_images=1, num_frames=1)
+    cfg.data.update(seq_buckets=(TRAIN_SEQ,), max_images=1, num_frames=1, packing=False)  # one image per row
     cfg.mesh.update(mesh or MESH)
     return cfg
 
@@ -91,6 +91,26 @@ class Recorder:
             with open(path) as f:
                 self.data = json.load(f)
             self.data.pop("finished", None)
+            self._refit(self.data)
+
+    @staticmethod
+    def _refit(data: dict) -> None:
+        """Fit and headroom of kept measurements against today's chip table (``section/topology/...``)."""
+        from lavi_jax.train import dry_run as _, topology  # noqa: F401  (the module, not the function)
+
+        def walk(d, chip):
+            if isinstance(d, dict) and "hbm_bytes" in d:
+                if "bytes_per_device" in d:
+                    sys.modules["lavi_jax.train.dry_run"].fit_against(d, chip)
+                else:  # refused by the compiler
+                    d["hbm_bytes"] = chip.hbm_bytes
+            elif isinstance(d, dict):
+                for v in d.values():
+                    walk(v, chip)
+
+        for section in ("runs", "batch_search", "xla_attention"):
+            for topo, d in data.get(section, {}).items():
+                walk(d, topology.parse(topo)[0])
 
     def get(self, keys: tuple):
         d = self.data

@@ -84,10 +84,16 @@ def _measured(compiled, seconds: float, flops_total: float, devices: int, chip, 
     has_loop = re.search(r"\bwhile\(", compiled.as_text() or "") is not None
     r["compiler_seconds_estimate"] = estimate if estimate > 0 and not has_loop else None
     if chip is not None:
-        r["hbm_bytes"] = chip.hbm_bytes
-        r["fits"] = r["bytes_per_device"]["peak"] <= chip.hbm_bytes
-        r["headroom_bytes"] = chip.hbm_bytes - r["bytes_per_device"]["peak"]
+        fit_against(r, chip)
         r["seconds_lower_bound"] = r["flops_per_device"] / chip.peak_bf16_flops
+    return r
+
+
+def fit_against(r: dict, chip) -> dict:
+    """Sets a program report's ``hbm_bytes``, ``fits`` and ``headroom_bytes`` from its peak and ``chip``'s usable HBM."""
+    r["hbm_bytes"] = chip.hbm_bytes
+    r["fits"] = r["bytes_per_device"]["peak"] <= chip.hbm_bytes
+    r["headroom_bytes"] = chip.hbm_bytes - r["bytes_per_device"]["peak"]
     return r
 
 
@@ -256,7 +262,8 @@ def dry_run(config, mesh=None, *, topology: str | None = None, programs=None, re
               "dtype": m.dtype, "param_dtype": m.param_dtype, "attention": m.get("attention", "auto"),
               "scan_layers": bool(m.scan_layers), "remat_policy": m.remat_policy, "programs": {}}
     if chip is not None:
-        report["chip"] = {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "peak_bf16_flops": chip.peak_bf16_flops}
+        report["chip"] = {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "spec_hbm_bytes": chip.spec_hbm_bytes,
+                          "peak_bf16_flops": chip.peak_bf16_flops}
     if "train" in programs:
         report["programs"]["train"] = train_program(config, mesh, chip)
     gen = [p for p in programs if p != "train"]
@@ -292,7 +299,8 @@ def format_report(r: dict) -> str:
     lines = [f"dry run: {where}, {r['devices']} devices, mesh {r['mesh']}, compute {r['dtype']}, params "
              f"{r['param_dtype']}, attention {r['attention']}"]
     if "chip" in r:
-        lines[0] += f"; per chip {gib(r['chip']['hbm_bytes']).strip()} HBM, {r['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16"
+        lines[0] += (f"; per chip {gib(r['chip']['hbm_bytes']).strip()} HBM usable (of "
+                     f"{gib(r['chip']['spec_hbm_bytes']).strip()}), {r['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16")
     for name, p in r["programs"].items():
         what = (f"global batch {p['global_batch']} x {p['seq_len']} tokens" if name == "train" else
                 f"batch {p['batch']}, prompt {p['prompt_len']}, {p['frames_per_item']} frame(s) per item"
