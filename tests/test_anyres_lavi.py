@@ -86,6 +86,27 @@ def test_torch_reference_matches_hd_item(towers, tmp_path, tile_embedding):
     assert flat_a.keys() == flat_b.keys()
 
 
+def test_check_logits_cli_on_an_hd_export(towers, tmp_path, capsys):
+    """export_hf of a LaVi-HD checkpoint -> check_logits --image (a wide and a tall photo, 1 + 2 and 1 + 3 crops of
+    4 slots): the reference gets the crops' mask and the image sizes (its tile grid), exit 0."""
+    from PIL import Image
+
+    from conversions import check_logits
+    from lavi_jax import checkpoint
+
+    cfg, params = hd_model(towers)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    checkpoint.save_params(ckpt, C.experiment(cfg), params)
+    exporter.export_params(cfg, params, out)
+    paths = []
+    for name, (h, w) in (("wide", (20, 60)), ("tall", (100, 33))):
+        paths += ["--image", str(tmp_path / f"{name}.png")]
+        Image.fromarray(np.random.default_rng(h).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    assert check_logits.main(["--ckpt", ckpt, "--hf", out, *paths]) == 0
+    text = capsys.readouterr().out
+    assert "LaViReference" in text and "2 image(s)" in text, text
+
+
 def test_temporal_tiles_need_the_frames(towers):
     cfg, params = hd_model(towers, "temporal", max_frames=4)
     ids, pix, mask = inputs(cfg)
