@@ -431,6 +431,10 @@ def write_markdown(directory: str, path: str) -> str:
                      f"{r['load_average'][0]} at start, {r['load_average'][1]} at end)\n")
         if r.get("note"):
             parts[-1] += f"- Note: {r['note']}\n"
+        if "tpu" in r:  # parts resumed with --resume keep their earlier measurements: say when each ran
+            spans = [f"{p} {r['tpu'][p]['started']} to {r['tpu'][p].get('finished', 'not finished')}"
+                     for p in ("train", "generation") if "started" in r["tpu"].get(p, {})]
+            parts[-1] += f"- Parts (a --resume run keeps the measurements it finds): {'; '.join(spans)}\n"
         parts.append(table(rows(r)) + "\n")
         parts.append("\n".join(f"- {x}" for x in findings(r)) + "\n")
         if os.path.exists(os.path.join(directory, f"{r['name']}.png")):
