@@ -145,9 +145,9 @@ def run_cpu(args) -> dict:
         from benchmarks import packing
 
         log("[packing] packed vs bucketed training batches, LLaVA-665k-like lengths")
-        tpu = "v5e:8x8" if importlib.util.find_spec("libtpu") else ""  # the 7B step's per-chip memory, packed
+        slice_ = "v5e:8x8" if importlib.util.find_spec("libtpu") else ""  # the 7B step's per-chip memory, packed
         out["packing"] = (packing.run(batches=100, reps=2, models=(), configs_7b=("7B",), log=log) if quick
-                          else packing.run(topology=tpu, log=log))
+                          else packing.run(topology=slice_, log=log))
     if "hd" in sections:
         from benchmarks import hd_geometry
 

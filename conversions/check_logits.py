@@ -131,17 +131,19 @@ def anyres_reference(hf_dir: str, model_type: str, ids: np.ndarray, paths: list[
     return logits[pos], cls.__name__
 
 
-def reference_logits(hf_dir: str, ids: np.ndarray, pixels: np.ndarray | None, model_cfg,
-                     paths: list[str] | None = None, visual: dict | None = None) -> tuple[np.ndarray, str]:
-    """Logits [T, V] of the PyTorch side, and what it was (``visual``: :func:`load_pixels`' arrays, for the
-    export's reference: an anyres item's ``item_mask`` and ``image_sizes``)."""
+def reference_logits(hf_dir: str, ids: np.ndarray, visual: dict, model_cfg,
+                     paths: list[str] | None = None) -> tuple[np.ndarray, str]:
+    """Logits [T, V] of the PyTorch side, and what it was (``visual``: :func:`load_pixels`' arrays, empty for
+    text; the export's reference also takes an anyres item's ``item_mask`` and ``image_sizes``)."""
     import torch
+
+    pixels = visual.get("pixel_values")
 
     if os.path.isfile(os.path.join(hf_dir, "llm", "config.json")):
         from conversions.torch_lavi import LaViReference
 
         ref = LaViReference.from_pretrained(hf_dir)
-        extra = {k: torch.from_numpy(np.asarray(v)) for k, v in (visual or {}).items() if k in ("item_mask", "image_sizes")}
+        extra = {k: torch.from_numpy(np.asarray(v)) for k, v in visual.items() if k in ("item_mask", "image_sizes")}
         with torch.no_grad():
             logits = ref(torch.from_numpy(ids), None if pixels is None else torch.from_numpy(pixels), **extra)
         return logits[0].float().numpy(), "conversions.torch_lavi.LaViReference"
@@ -193,11 +195,10 @@ def run(ckpt: str, hf_dir: str, images: list[str] | None = None, prompt: str = "
     ids = input_ids(prompt, tok, m.image_token_id, m.llm.vocab_size, len(images or []))
     processor = config.data.processor if "data" in config else None
     visual = load_pixels(images, m, processor) if images else {}
-    pixels = visual.get("pixel_values")
     model, params = lavi_jax.load(ckpt)
     kw = {k: jnp.asarray(v) for k, v in visual.items()}
     ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids), **kw))[0]
-    ref, what = reference_logits(hf_dir, ids, pixels, m, images, visual)
+    ref, what = reference_logits(hf_dir, ids, visual, m, images)
     stats = compare(ours, ref)
     stats.update(reference=what, tokens=int(ids.shape[1]), images=len(images or []), tokenizer=tok or "none (fixed ids)",
                  atol=atol, ok=stats["max_abs_diff"] <= atol)

@@ -36,8 +36,6 @@ def towers(tmp_path_factory):
     return llm, vis
 
 
-
-
 def hd_model(towers, tile_embedding="grid", max_frames=4, fusion="modulation"):
     """max_frames=4 < 1 + MAX_CROPS: with the grid embedding image items do not use the temporal table."""
     llm, vis = towers

@@ -58,8 +58,6 @@ def ids_batch(vocab, image_token_id=None, placeholders=(), T=12, B=2, seed=0):
     return ids
 
 
-
-
 def assert_trees_equal(a, b):
     fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
     assert fa.keys() == fb.keys()

@@ -40,7 +40,7 @@ class Chip:
 # (https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GB,
 # 197 TFLOP/s; v5p 95 GB, 459 TFLOP/s; v6e 32 GB, 918 TFLOP/s. The usable HBM is libtpu 0.0.42.1's own
 # figure, read off its out-of-memory error for an oversized program ("available HBM (15.75G)" on v5e):
-# the runtime keeps the rest (tests/test_dry_run_tpu.py checks the v5e figure against the compiler).
+# the runtime keeps the rest (tests/test_dry_run_tpu.py checks every chip's figure against the compiler).
 CHIPS = {c.name: c for c in (
     Chip("v4", "TPU v4", int(15.25 * GiB), 32 * GiB, 275e12, "v4", per_core=True),
     Chip("v5e", "TPU v5 lite", int(15.75 * GiB), 16 * GiB, 197e12, "v5litepod"),
