@@ -20,3 +20,35 @@ def pil_rejects_truncated_images():
     LOAD_TRUNCATED_IMAGES; every test starts from PIL's default, under which truncated files fail."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     yield
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS-compatible server on 127.0.0.1 for the session (tests.gcs.Emulator), with gcsfs, google-cloud-storage
+    and tensorstore pointed at it through STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL (subprocesses inherit
+    them); stopped, and the variables restored, at the end."""
+    from tests.gcs import Emulator, environment
+
+    server = Emulator()
+    saved = {k: os.environ.get(k) for k in environment(server.url)}
+    os.environ.update(environment(server.url))
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def bucket(gcs, request):
+    """A fresh bucket on the session's server -> its ``gs://`` URI."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    gcs.create_bucket(name)
+    return f"gs://{name}"

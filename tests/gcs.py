@@ -1,0 +1,171 @@
+"""A GCS-compatible server on 127.0.0.1 for the storage tests, and a proxy in front of it that fails requests.
+
+``Emulator`` runs ``gcp-storage-emulator`` (pinned in requirements.txt) as a
+subprocess on a free loopback port, in memory; ``FaultyProxy`` forwards HTTP
+requests to it and fails a share of them (HTTP 503, a reset connection, a
+stall followed by a reset), counting what it did. ``environment(url)`` gives
+the variables that point gcsfs / google-cloud-storage and tensorstore at a
+server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(url: str) -> dict[str, str]:
+    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+class Emulator:
+    """``gcp-storage-emulator`` on 127.0.0.1; ``url``; ``create_bucket(name)``; ``stop()``."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = shutil.which("gcp-storage-emulator") or os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+        self.proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"storage emulator exited: {self.proc.stderr.read().decode()[-2000:]}")
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("storage emulator did not answer within 30 s")
+
+    def create_bucket(self, name: str) -> None:
+        req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
+                                     data=('{"name": "%s"}' % name).encode(), headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class FaultyProxy:
+    """An HTTP proxy on 127.0.0.1 to ``upstream`` that fails a share ``rate`` of requests (after ``start_after``).
+
+    Faults cycle through ``kinds``: ``"503"`` answers Service Unavailable, ``"reset"`` closes the
+    connection without an answer, ``"stall"`` waits ``stall_s`` and then closes it. ``counts`` holds the
+    requests forwarded and each fault made.
+    """
+
+    def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0, kinds=("503", "reset", "stall"),
+                 stall_s: float = 2.0, start_after: int = 0):
+        host, port = upstream.split("://")[1].split(":")
+        self.upstream = (host, int(port))
+        self.rate, self.kinds, self.stall_s, self.start_after = rate, tuple(kinds), stall_s, start_after
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.counts = {"requests": 0, "forwarded": 0, **{k: 0 for k in self.kinds}}
+        self._next_kind = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        n = int(self.rfile.readline().split(b";")[0], 16)
+                        if n == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(n)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                fault = proxy._decide()
+                if fault == "503":
+                    payload = b'{"error": {"code": 503, "message": "injected fault"}}'
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if fault in ("reset", "stall"):
+                    if fault == "stall":
+                        time.sleep(proxy.stall_s)
+                    self.close_connection = True
+                    try:
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    except OSError:
+                        pass
+                    self.connection.close()
+                    return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body if body or self.command in ("POST", "PUT", "PATCH") else None,
+                             headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _decide(self) -> str | None:
+        with self.lock:
+            self.counts["requests"] += 1
+            if self.counts["requests"] > self.start_after and self.rng.random() < self.rate:
+                kind = self.kinds[self._next_kind % len(self.kinds)]
+                self._next_kind += 1
+                self.counts[kind] += 1
+                return kind
+            self.counts["forwarded"] += 1
+            return None
+
+    def failed(self) -> int:
+        return sum(self.counts[k] for k in self.kinds)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
