@@ -13,17 +13,16 @@ does so for a TPU slice from any host (needs libtpu, see the README), writes
 the chips' HBM. The synthetic demo is ``demo.py``.
 """
 
-import os
 import sys
-
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lavi_jax import distributed, train
+from lavi_jax import distributed, storage, train
 
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.", required=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go (a path or gs:// URI).",
+                    required=True)
 distributed.define_flags()
 config_flags.DEFINE_config_file("config", None, "Config file, path[:arg].", lock_config=True)
 FLAGS = flags.FLAGS
@@ -34,11 +33,14 @@ def main(argv):
     distributed.start_from_flags()
     if FLAGS.config.dry_run or FLAGS.config.dry_run_topology:
         try:
-            report = train.dry_run(FLAGS.config, report_path=os.path.join(FLAGS.workdir, "dry_run.json"))
-        except (train.TopologyError, ValueError) as e:
+            report = train.dry_run(FLAGS.config, report_path=storage.join(FLAGS.workdir, "dry_run.json"))
+        except (train.TopologyError, ValueError, OSError) as e:
             sys.exit(f"dry run: {e}")
         sys.exit(3 if report["fits"] is False else 0)
-    _, metrics = train.train(FLAGS.config, FLAGS.workdir)
+    try:
+        _, metrics = train.train(FLAGS.config, FLAGS.workdir)
+    except OSError as e:  # storage: a missing bucket, object or file, no credentials, an unreachable endpoint
+        sys.exit(f"train: {e}")
     if jax.process_index() == 0:
         print({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
 

@@ -14,12 +14,15 @@ Training saves and restores go through :func:`save_train_state` and
 A training run keeps its checkpoints in ``<workdir>/checkpoints``; an import
 writes step 0 of ``CKPT_DIR``. Tokenizer files, when there are any, sit in
 ``<checkpoint dir>/tokenizer``.
+
+Every directory may be a local path or a ``gs://`` URI (orbax writes both; a
+step is committed on GCS by its ``commit_success.txt``, locally by a rename,
+and an uncommitted step is never taken as the latest).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lavi_jax import sharding
+from lavi_jax import sharding, storage
 from lavi_jax.models.lavi import LaVi
 
 TOKENIZER_DIR = "tokenizer"
@@ -39,11 +42,11 @@ class CheckpointMismatch(ValueError):
 
 def resolve(path: str) -> str:
     """A workdir, a checkpoint-manager dir or a step dir -> the manager dir."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints")
-    if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
-        return os.path.dirname(path)
+    path = storage.absolute(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return storage.join(path, "checkpoints")
+    if storage.basename(path).isdigit() and storage.isdir(storage.join(path, "params")):
+        return storage.parent(path)
     return path
 
 
@@ -59,7 +62,7 @@ def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool 
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=not read_only, read_only=read_only,
                                            cleanup_tmp_directories=not read_only)  # partial writes of a killed run
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(storage.absolute(directory), options=options, item_handlers=handlers)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
@@ -76,7 +79,7 @@ def save_params(directory: str, config: ml_collections.ConfigDict, params: Any, 
         mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                 config=ocp.args.JsonSave(config_to_json(config))))
         mngr.wait_until_finished()
-    return os.path.abspath(directory)
+    return storage.absolute(directory)
 
 
 def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
@@ -170,5 +173,5 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, 
 
 def tokenizer_dir(path: str) -> str | None:
     """The tokenizer saved next to a checkpoint, if any."""
-    d = os.path.join(resolve(path), TOKENIZER_DIR)
-    return d if os.path.isdir(d) else None
+    d = storage.join(resolve(path), TOKENIZER_DIR)
+    return d if storage.isdir(d) else None

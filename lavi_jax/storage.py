@@ -95,8 +95,9 @@ def basename(path: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _filesystem(proto: str) -> fsspec.AbstractFileSystem:
+    fs = fsspec.filesystem(proto)
     _log_retries()
-    return fsspec.filesystem(proto)
+    return fs
 
 
 def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -372,9 +373,13 @@ class _RetryLog(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-@functools.lru_cache(maxsize=None)
 def _log_retries() -> None:
-    logger = logging.getLogger("gcsfs")
+    logger = logging.getLogger("gcsfs")  # the logger gcsfs's retry loop writes to
+    if "gcsfs" not in logging.Logger.manager.loggerDict or any(isinstance(f, _RetryLog) for f in logger.filters):
+        return
+    for name, child in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("gcsfs.") and isinstance(child, logging.Logger) and child.level == logging.NOTSET:
+            child.setLevel(logging.WARNING)  # children keep their quiet default although the parent says DEBUG
     logger.addFilter(_RetryLog())
     if logger.level == logging.NOTSET or logger.level > logging.DEBUG:
         logger.setLevel(logging.DEBUG)
@@ -384,3 +389,40 @@ def iter_lines(path: str) -> Iterator[bytes]:
     """The lines of ``path`` as bytes (newline kept), read in blocks."""
     with open(path, "rb") as f:
         yield from f
+
+
+@contextlib.contextmanager
+def write_file(path: str):
+    """A binary file object to write ``path`` through, whole and in parts (for files too big to hold in memory):
+    local, a file beside ``path`` renamed over it at the end; a URI, a temp file on local disk uploaded in one
+    request (``put_file``) at the end. Nothing is written when the block raises."""
+    fs, p = _fs(path)
+    local = is_local(path)
+    with _errors(path, "write"):
+        if local:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}" if local else tempfile.mkstemp(prefix="lavi_jax-upload-")[1]
+    try:
+        with builtins.open(tmp, "wb") as f:
+            yield f
+        with _errors(path, "write"):
+            if local:
+                os.replace(tmp, p)
+            else:
+                fs.put_file(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def relpath(path: str, root: str) -> str:
+    """``path`` relative to ``root``, lexically (no filesystem access; ``..`` parts when ``path`` lies outside it).
+    Local paths as ``os.path.relpath`` of their absolute forms; URIs by their ``bucket/key`` parts, a URI against a
+    root of another scheme (or a local path against a URI root) starting with ``..`` as outside it."""
+    path, root = os.fspath(path), os.fspath(root)
+    if not is_uri(path) and not is_uri(root):
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    if protocol(path) != protocol(root):
+        return posixpath.join("..", _URI.sub("", path) if is_uri(path) else path.lstrip("/"))
+    key = posixpath.normpath("/" + _URI.sub("", path))
+    return posixpath.relpath(key, posixpath.normpath("/" + _URI.sub("", root)))

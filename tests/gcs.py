@@ -1,7 +1,7 @@
 """A GCS-compatible server on 127.0.0.1 for the storage tests, and a proxy in front of it that fails requests.
 
-``Emulator`` runs ``gcp-storage-emulator`` (pinned in requirements.txt) as a
-subprocess on a free loopback port, in memory; ``FaultyProxy`` forwards HTTP
+``Emulator`` runs ``gcp-storage-emulator`` (pinned in requirements.txt; with the
+download headers of real GCS, ``tests/gcs_server.py``) as a subprocess on a free loopback port, in memory; ``FaultyProxy`` forwards HTTP
 requests to it and fails a share of them (HTTP 503, a reset connection, a
 stall followed by a reset), counting what it did. ``environment(url)`` gives
 the variables that point gcsfs / google-cloud-storage and tensorstore at a
@@ -14,7 +14,6 @@ import http.client
 import http.server
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,8 +38,8 @@ class Emulator:
     def __init__(self):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("gcp-storage-emulator") or os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-        self.proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
+        server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_server.py")
+        self.proc = subprocess.Popen([sys.executable, server, "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 30
         while time.time() < deadline:

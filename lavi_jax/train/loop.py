@@ -11,13 +11,12 @@ Resume order: the latest checkpoint in ``<workdir>/checkpoints``, else
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-from lavi_jax import checkpoint, eval as evaluation, sharding
+from lavi_jax import checkpoint, eval as evaluation, sharding, storage
 from lavi_jax.data import make_components, make_train_iterator
 from lavi_jax.hf import import_hf
 from lavi_jax.train.metric_writer import MetricWriter
@@ -58,6 +57,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
     """
     c = config.train
     check_data(config)
+    storage.check_writable(workdir)  # before any compile: a missing bucket or no credentials stop here
     program = jit_train_step(config)
     mesh, model, step_fn, shapes = program.mesh, program.model, program.fn, program.batch.shapes()
     local_bs = program.batch.batch_size
@@ -65,8 +65,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
 
     tokenizer, processor = make_components(config)
     train_iter = make_train_iterator(config.data, tokenizer, processor, batch_size=local_bs, seed=c.seed)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
+    ckpt = checkpoint.manager(storage.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
     state = _resume(ckpt, program.abstract, program.shardings, train_iter, workdir)
     if state is None:
         state = create_state(initial_params(config, model, mesh, example_ids), program.tx, program.patterns, program.shardings)
@@ -81,6 +80,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
         return evaluation.evaluate_exact_match(config, model, params, mesh, tokenizer, processor, scorer=scorer)[0]
 
     def save(step):
+        writer.flush()  # metrics up to this step are in the workdir before the step is
         checkpoint.save_train_state(ckpt, step, params=state.params, config=cfg_json, data_iterator=train_iter,
                                     train_state={"opt_state": state.opt_state, "step": state.step,
                                                  "nonfinite": state.nonfinite})
