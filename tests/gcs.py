@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 
@@ -73,7 +74,9 @@ class FaultyProxy:
 
     Faults cycle through ``kinds``: ``"503"`` answers Service Unavailable, ``"reset"`` closes the
     connection without an answer, ``"stall"`` waits ``stall_s`` and then closes it. ``counts`` holds the
-    requests forwarded and each fault made.
+    requests forwarded and each fault made; ``targets`` the decoded URL and body head of every request (what
+    a client asked for). ``hold(text)`` makes requests naming ``text`` wait until ``release()``; ``held``
+    counts the waiting ones.
     """
 
     def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0, kinds=("503", "reset", "stall"),
@@ -85,6 +88,8 @@ class FaultyProxy:
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "forwarded": 0, **{k: 0 for k in self.kinds}}
         self._next_kind = 0
+        self.targets: list[str] = []
+        self.held, self._hold, self._released = 0, None, threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -107,6 +112,13 @@ class FaultyProxy:
 
             def _handle(self):
                 body = self._body()
+                target = urllib.parse.unquote(self.path) + " " + body[:512].decode("latin-1")
+                with proxy.lock:
+                    proxy.targets.append(target)
+                if proxy._hold and proxy._hold in target:
+                    with proxy.lock:
+                        proxy.held += 1
+                    proxy._released.wait()
                 fault = proxy._decide()
                 if fault == "503":
                     payload = b'{"error": {"code": 503, "message": "injected fault"}}'
@@ -145,7 +157,12 @@ class FaultyProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)  # a client gone after a fault is expected
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -162,9 +179,18 @@ class FaultyProxy:
             self.counts["forwarded"] += 1
             return None
 
+    def hold(self, text: str) -> None:
+        self._released.clear()
+        self._hold = text
+
+    def release(self) -> None:
+        self._hold = None
+        self._released.set()
+
     def failed(self) -> int:
         return sum(self.counts[k] for k in self.kinds)
 
     def stop(self) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
