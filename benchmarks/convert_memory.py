@@ -1,6 +1,7 @@
 """Host memory added by the HF import, against the checkpoint's size on disk.
 
     python benchmarks/convert_memory.py [--size-gb 1.1] [--dtypes float32,bfloat16] [--layouts unrolled,scanned]
+                                        [--sources local,gs]
 
 Builds, per dtype, a random Qwen2-shaped HF checkpoint (sharded safetensors with an index,
 a LLaMA-sized 32k vocabulary so no single tensor dominates) in a temp dir, then
@@ -11,6 +12,12 @@ jax and the converter (with transformers, for the config defaults) are
 imported, before any tensor is read. On a CPU the imported params themselves
 live in host memory, so 1.0x is the floor; the target is at most 1.3x. Prints a table and writes
 ``benchmarks/results/convert_memory.json``.
+
+``--sources local,gs`` also imports the same checkpoint from a ``gs://`` bucket: a
+GCS-compatible server on 127.0.0.1 (``tests.gcs.Emulator``, in memory, in its own
+process, so its memory is not counted) is started, the checkpoint uploaded to it,
+and the child reads every tensor with ranged requests from it; the table puts the
+two side by side.
 """
 
 from __future__ import annotations
@@ -79,6 +86,20 @@ def build_checkpoint(directory: str, size_gb: float, dtype: str) -> dict:
     return config
 
 
+BUCKET = "gs://convert-memory"
+
+
+def upload(hf: str, uri: str) -> str:
+    """The checkpoint directory ``hf`` copied to ``uri`` (in parts: never a whole file in memory); returns ``uri``."""
+    from lavi_jax import storage
+
+    for name in storage.listdir(hf):
+        with storage.write_file(storage.join(uri, name)) as f, open(os.path.join(hf, name), "rb") as src:
+            while chunk := src.read(64 * 2**20):
+                f.write(chunk)
+    return uri
+
+
 def child(args: dict) -> None:
     """Runs in a fresh process: the import as the CLI does it, with RSS readings around it."""
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -108,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--size-gb", type=float, default=1.1)
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes on disk (and of the imported params)")
     p.add_argument("--layouts", default="unrolled,scanned")
+    p.add_argument("--sources", default="local", help="where the import reads from: local (disk), gs (a bucket on "
+                                                       "a GCS-compatible server on 127.0.0.1), or both")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "convert_memory.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -116,6 +139,22 @@ def main(argv=None) -> int:
         return 0
 
     rows = []
+    sources = a.sources.split(",")
+    emulator = None
+    if "gs" in sources:
+        from tests.gcs import Emulator, environment
+
+        emulator = Emulator()
+        os.environ.update(environment(emulator.url))  # the children inherit them
+        emulator.create_bucket(BUCKET[len("gs://"):])
+    try:
+        return _run(a, argv, rows, sources, emulator)
+    finally:
+        if emulator is not None:
+            emulator.stop()
+
+
+def _run(a, argv, rows, sources, emulator) -> int:
     for dtype in a.dtypes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             hf = os.path.join(tmp, "hf")
@@ -125,26 +164,37 @@ def main(argv=None) -> int:
             files = len([f for f in os.listdir(hf) if f.endswith(".safetensors")])
             print(f"built {disk / 1e9:.2f} GB {dtype} checkpoint ({config['num_hidden_layers']} layers, {files} files) "
                   f"in {time.time() - t0:.0f}s")
-            for layout in a.layouts.split(","):
-                out = os.path.join(tmp, f"ckpt-{layout}")
-                spec = json.dumps({"hf": hf, "out": out, "scan": layout == "scanned", "dtype": dtype})
-                res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], capture_output=True,
-                                     text=True, cwd=ROOT)
-                if res.returncode:
-                    print(res.stderr[-4000:], file=sys.stderr)
-                    return 1
-                r = json.loads(res.stdout.strip().splitlines()[-1])
-                row = dict(layout=layout, dtype=dtype, disk_bytes=disk, added_import=r["peak_import"] - r["rss_before"],
-                           added_with_save=r["peak_with_save"] - r["rss_before"], **r)
-                row.update(ratio_import=row["added_import"] / disk, ratio_with_save=row["added_with_save"] / disk)
-                row["meets_1_3x"] = row["ratio_import"] <= 1.3
-                rows.append(row)
-    print(f"\n{'layout':<10} {'dtype':<9} {'on disk':>9} {'added (import)':>15} {'ratio':>6} "
-          f"{'added (+save)':>14} {'ratio':>6} {'time':>6}")
+            where = {"local": hf}
+            if "gs" in sources:
+                t0 = time.time()
+                where["gs"] = upload(hf, f"{BUCKET}/{dtype}")
+                print(f"uploaded it to {where['gs']} in {time.time() - t0:.0f}s")
+            for source in sources:
+                for layout in a.layouts.split(","):
+                    out = os.path.join(tmp, f"ckpt-{source}-{layout}")
+                    spec = json.dumps({"hf": where[source], "out": out, "scan": layout == "scanned", "dtype": dtype})
+                    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec],
+                                         capture_output=True, text=True, cwd=ROOT)
+                    if res.returncode:
+                        print(res.stderr[-4000:], file=sys.stderr)
+                        return 1
+                    r = json.loads(res.stdout.strip().splitlines()[-1])
+                    row = dict(source=source, layout=layout, dtype=dtype, disk_bytes=disk,
+                               added_import=r["peak_import"] - r["rss_before"],
+                               added_with_save=r["peak_with_save"] - r["rss_before"], **r)
+                    row.update(ratio_import=row["added_import"] / disk, ratio_with_save=row["added_with_save"] / disk)
+                    row["meets_1_3x"] = row["ratio_import"] <= 1.3
+                    rows.append(row)
+            if "gs" in where:
+                from lavi_jax import storage
+
+                storage.remove(where["gs"])
+    print(f"\n{'source':<7} {'layout':<10} {'dtype':<9} {'on disk':>9} {'added (import)':>15} {'ratio':>6} "
+          f"{'added (+save)':>14} {'ratio':>6} {'import':>7} {'+save':>6}")
     for r in rows:
-        print(f"{r['layout']:<10} {r['dtype']:<9} {r['disk_bytes'] / 1e9:>7.2f}GB {r['added_import'] / 1e9:>13.2f}GB "
-              f"{r['ratio_import']:>5.2f}x {r['added_with_save'] / 1e9:>12.2f}GB {r['ratio_with_save']:>5.2f}x "
-              f"{r['seconds_with_save']:>5.0f}s")
+        print(f"{r['source']:<7} {r['layout']:<10} {r['dtype']:<9} {r['disk_bytes'] / 1e9:>7.2f}GB "
+              f"{r['added_import'] / 1e9:>13.2f}GB {r['ratio_import']:>5.2f}x {r['added_with_save'] / 1e9:>12.2f}GB "
+              f"{r['ratio_with_save']:>5.2f}x {r['seconds_import']:>6.0f}s {r['seconds_with_save']:>5.0f}s")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     import jax
 

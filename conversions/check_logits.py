@@ -15,6 +15,9 @@
   placeholder is expanded to as many tokens as HF's model packs for its image;
 * an HF causal-LM directory: text only.
 
+``CKPT_DIR`` and ``HF_DIR`` may be URIs (``gs://bucket/dir``); PyTorch's side
+reads a local copy of ``HF_DIR`` (:func:`local_hf_dir`).
+
 The prompt is tokenised with the checkpoint's tokenizer (else ``HF_DIR``'s);
 each ``<image>`` in it becomes one placeholder (one is prepended when images are
 given and the prompt has none). Without a tokenizer, fixed pseudo-random token
@@ -31,14 +34,29 @@ import sys
 
 import numpy as np
 
+from lavi_jax import storage
 from lavi_jax.data.tokenizer import IMAGE_TOKEN
+
+EXPORT_SUBDIRS = ("llm", "vision", "lavi")
 
 
 def _tokenizer_dir(*dirs):
     for d in dirs:
-        if d and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        if d and any(storage.isfile(storage.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
             return d
     return None
+
+
+def local_hf_dir(hf_dir: str) -> str:
+    """``hf_dir`` as a local directory ``transformers`` can read: itself when local; for a URI, its files and those
+    of its ``llm/``, ``vision/``, ``lavi/`` subfolders copied into a local cache (:func:`lavi_jax.storage.local_dir`)."""
+    if storage.is_local(hf_dir):  # transformers reads local files only: a URI needs a copy
+        return storage.absolute(hf_dir)
+    root = storage.local_dir(hf_dir)
+    for sub in EXPORT_SUBDIRS:
+        if storage.isdir(storage.join(hf_dir, sub)):
+            storage.copy_tree(storage.join(hf_dir, sub), os.path.join(root, sub))
+    return root
 
 
 def input_ids(prompt: str, tokenizer_path: str | None, image_token_id: int, vocab: int, n_images: int) -> np.ndarray:
@@ -51,7 +69,7 @@ def input_ids(prompt: str, tokenizer_path: str | None, image_token_id: int, voca
         return np.asarray([[image_token_id] * n_images + ids], np.int32)
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
+    tok = transformers.AutoTokenizer.from_pretrained(storage.local_dir(tokenizer_path), trust_remote_code=False)
     ids: list[int] = []
     for i, part in enumerate(prompt.split(IMAGE_TOKEN)):
         if i:
@@ -191,7 +209,9 @@ def run(ckpt: str, hf_dir: str, images: list[str] | None = None, prompt: str = "
     m = config.model
     if images and m.fusion == "none":
         raise ValueError("the checkpoint has no vision tower (fusion='none'); drop --image")
-    tok = _tokenizer_dir(tokenizer_dir(ckpt), hf_dir, os.path.join(hf_dir, "llm"))
+    storage.check_readable(hf_dir)
+    tok = _tokenizer_dir(tokenizer_dir(ckpt), hf_dir, storage.join(hf_dir, "llm"))
+    hf_dir = local_hf_dir(hf_dir)
     ids = input_ids(prompt, tok, m.image_token_id, m.llm.vocab_size, len(images or []))
     processor = config.data.processor if "data" in config else None
     visual = load_pixels(images, m, processor) if images else {}

@@ -34,7 +34,7 @@ def parse_size(text: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conversions.export_hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="lavi_jax checkpoint (workdir, checkpoint dir or step dir)")
-    p.add_argument("--out", required=True, help="output directory (llm/, vision/, lavi/)")
+    p.add_argument("--out", required=True, help="output directory, local or a URI (llm/, vision/, lavi/)")
     p.add_argument("--dtype", choices=DTYPES, help="cast tensors (default: keep the param dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         dirs = export_hf(a.ckpt, out, dtype=a.dtype, max_shard_bytes=parse_size(a.max_shard_size))
         print(f"wrote {', '.join(dirs)} in {time.time() - t0:.1f}s")
-    except (ConversionError, UnsupportedModel, FileNotFoundError, ValueError) as e:
+    except (ConversionError, UnsupportedModel, OSError, ValueError) as e:  # OSError: storage.StorageError too
         print(f"export_hf: error: {e}", file=sys.stderr)
         return 1
     return 0

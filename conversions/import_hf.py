@@ -3,6 +3,7 @@
     python -m conversions.import_hf --llm HF_DIR [--vision HF_DIR] --out CKPT_DIR
     python -m conversions.import_hf --llava HF_DIR --out CKPT_DIR          # LLM + vision tower (+ projector)
     python -m conversions.import_hf --lavi EXPORT_DIR --out CKPT_DIR       # a conversions.export_hf directory
+    python -m conversions.import_hf --llm Qwen/Qwen2-7B-Instruct --out gs://bucket/ckpt   # a Hub id, a bucket
         [--config CONFIG[:arg]] [--fusion modulation|concat|none] [--dtype float32|bfloat16]
         [--mesh-data -1] [--mesh-fsdp 1] [--mesh-tensor 1] [--scan] [--overwrite]
 
@@ -12,12 +13,16 @@ config come from ``--config``; the mesh is ``--config``'s ``mesh`` (default: all
 devices, data-parallel) with any ``--mesh-*`` size replacing its axis. The
 checkpoint is written with :func:`lavi_jax.checkpoint.save_params`; the LLM's
 tokenizer files are copied to ``CKPT_DIR/tokenizer``.
+
+Every directory may be a local path or a URI (``gs://bucket/dir``); ``--llm``,
+``--vision`` and ``--llava`` may also be Hugging Face Hub ids
+(``org/name[@revision]``), fetched into (or, with ``HF_HUB_OFFLINE=1``, found
+in) the Hub cache (:mod:`lavi_jax.hf.hub`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -25,9 +30,9 @@ import jax
 
 from conversions.output_dir import fresh_output_dir
 from lavi_jax import config as C
-from lavi_jax import sharding
+from lavi_jax import sharding, storage
 from lavi_jax.checkpoint import save_params
-from lavi_jax.hf import (ConversionError, UnsupportedModel, copy_tokenizer, full_config, import_hf,
+from lavi_jax.hf import (ConversionError, UnsupportedModel, copy_tokenizer, full_config, hub, import_hf,
                          tokenizer_source)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -42,10 +47,11 @@ def mesh_shape(args, config: C.ConfigDict | None) -> dict[str, int] | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conversions.import_hf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--llm", help="HF causal-LM directory (Qwen2 / LLaMA / Mistral)")
-    p.add_argument("--vision", help="HF SigLIP / CLIP (vision) model directory")
-    p.add_argument("--llava", help="HF LLaVA / LLaVA-NeXT / LLaVA-OneVision directory (LLM + vision tower + projector)")
-    p.add_argument("--lavi", help="a directory written by conversions.export_hf (llm/, vision/, lavi/)")
+    p.add_argument("--llm", help="HF causal-LM directory, URI or Hub id (Qwen2 / LLaMA / Mistral)")
+    p.add_argument("--vision", help="HF SigLIP / CLIP (vision) model directory, URI or Hub id")
+    p.add_argument("--llava", help="HF LLaVA / LLaVA-NeXT / LLaVA-OneVision directory, URI or Hub id "
+                                   "(LLM + vision tower + projector)")
+    p.add_argument("--lavi", help="a directory (or URI) written by conversions.export_hf (llm/, vision/, lavi/)")
     p.add_argument("--config", help="config file (path.py[:arg]) for the LaVi knobs and the rest of the run config")
     p.add_argument("--fusion", choices=["modulation", "concat", "none"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="param dtype (default: the config's)")
@@ -56,10 +62,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="init seed of the freshly initialised params")
     p.add_argument("--no-strict", dest="strict", action="store_false", help="ignore unknown extra tensors")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CKPT_DIR")
-    p.add_argument("--out", required=True, help="CKPT_DIR to write")
+    p.add_argument("--out", required=True, help="CKPT_DIR to write (local or a URI)")
     a = p.parse_args(argv)
     try:
         out = fresh_output_dir(a.out, a.overwrite)
+        a.llm, a.vision, a.llava = hub.resolve(a.llm), hub.resolve(a.vision), hub.resolve(a.llava)
         base_config = C.get(a.config) if a.config else None
         base = base_config.model if base_config is not None else None
         mesh = sharding.make_mesh(mesh_shape(a, base_config))
@@ -69,8 +76,8 @@ def main(argv=None) -> int:
                                 strict=a.strict, log=print)
         config = full_config(cfg, base_config)
         tok_src = tokenizer_source(a.llm, a.llava, a.lavi)
-        os.makedirs(out, exist_ok=True)
-        tok_dst = os.path.join(out, "tokenizer")
+        storage.makedirs(out)
+        tok_dst = storage.join(out, "tokenizer")
         if copy_tokenizer(tok_src, tok_dst):
             config.data.tokenizer = tok_dst
         else:
@@ -79,7 +86,7 @@ def main(argv=None) -> int:
         n = sum(int(x.size) for x in jax.tree.leaves(params))
         print(f"wrote {out}: {cfg.fusion} model, {n / 1e6:.1f}M params ({cfg.param_dtype}, "
               f"{'scanned' if cfg.scan_layers else 'unrolled'} layers) in {time.time() - t0:.1f}s")
-    except (ConversionError, UnsupportedModel, FileNotFoundError, ValueError) as e:
+    except (ConversionError, UnsupportedModel, OSError, ValueError) as e:  # OSError: storage.StorageError too
         print(f"import_hf: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -401,7 +401,11 @@ def write_file(path: str):
     with _errors(path, "write"):
         if local:
             os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}" if local else tempfile.mkstemp(prefix="lavi_jax-upload-")[1]
+        if local:
+            tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="lavi_jax-upload-")
+            os.close(fd)
     try:
         with builtins.open(tmp, "wb") as f:
             yield f

@@ -7,7 +7,9 @@
 ``mapping`` (JAX path <-> HF name + hook), ``config`` (HF ``config.json`` <->
 lavi_jax config), ``safetensors_io`` (tensor-by-tensor reading and writing),
 ``placement`` (converted tensors straight into their shards), ``importer`` and
-``exporter`` (the whole directories). The command-line tools are in ``conversions/``.
+``exporter`` (the whole directories), ``hub`` (Hugging Face Hub ids, ``org/name[@revision]``, through the
+Hub cache). Every directory is read and written through :mod:`lavi_jax.storage`, so it may
+be a local path or a URI (``gs://bucket/dir``). The command-line tools are in ``conversions/``.
 """
 
 from lavi_jax.hf.errors import ConversionError, UnsupportedModel

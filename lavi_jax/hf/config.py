@@ -10,11 +10,10 @@ Anything we cannot represent exactly fails here, with the field named.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from lavi_jax import config as C
+from lavi_jax import storage
 from lavi_jax.hf.errors import UnsupportedModel
 
 LLM_TYPES = {"qwen2": "qwen2", "llama": "llama", "mistral": "llama"}
@@ -35,12 +34,11 @@ def with_defaults(hf: dict) -> dict:
 
 
 def read_config(path: str) -> dict:
-    """``config.json`` of an HF directory (or the file itself)."""
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
+    """``config.json`` of an HF directory (or the file itself), local or behind a URI."""
+    file = storage.join(path, "config.json") if storage.isdir(path) else path
+    if not storage.isfile(file):
         raise FileNotFoundError(f"no config.json in {path}")
-    with open(file) as f:
-        return json.load(f)
+    return storage.read_json(file)
 
 
 def llm_from_hf(hf: dict) -> C.ConfigDict:

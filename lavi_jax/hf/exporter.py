@@ -16,9 +16,8 @@ and written one at a time.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
+from lavi_jax import storage
 from lavi_jax.checkpoint import load, read_config, tokenizer_dir
 from lavi_jax.hf import config as hf_config
 from lavi_jax.hf import mapping
@@ -29,8 +28,7 @@ LAVI_FORMAT_VERSION = 1
 
 
 def _write_config(directory: str, cfg: dict) -> None:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
+    storage.write_json(storage.join(directory, "config.json"), cfg, indent=2, sort_keys=True)
 
 
 def lavi_config(model_cfg) -> dict:
@@ -42,26 +40,25 @@ def lavi_config(model_cfg) -> dict:
 
 def export_params(model_cfg, params, out: str, *, dtype: str | None = None, tokenizer: str | None = None,
                   max_shard_bytes: int = 5 * 10**9) -> list[str]:
-    """Writes ``OUT/llm`` (+ ``OUT/vision``, ``OUT/lavi``) for ``params`` of ``model_cfg``. Returns the dirs."""
+    """Writes ``OUT/llm`` (+ ``OUT/vision``, ``OUT/lavi``) for ``params`` of ``model_cfg`` (``out`` local or a URI;
+    ``tokenizer``: a directory whose files are copied into ``OUT/llm``). Returns the dirs."""
     m = model_cfg
     torch_dtype = str(np_dtype(dtype or m.param_dtype))
     written = []
 
-    llm_dir = os.path.join(out, "llm")
+    llm_dir = storage.join(out, "llm")
     write_safetensors(llm_dir, hf_tensor_specs(mapping.llm_entries(m), params, dtype), max_shard_bytes)
     _write_config(llm_dir, dict(hf_config.llm_to_hf(m.llm), dtype=torch_dtype))
     if tokenizer:
-        for f in os.listdir(tokenizer):
-            if os.path.isfile(os.path.join(tokenizer, f)):
-                shutil.copy2(os.path.join(tokenizer, f), os.path.join(llm_dir, f))
+        storage.copy_tree(tokenizer, llm_dir)
     written.append(llm_dir)
 
     if m.fusion != "none":
-        vision_dir = os.path.join(out, "vision")
+        vision_dir = storage.join(out, "vision")
         write_safetensors(vision_dir, hf_tensor_specs(mapping.vision_entries(m, hf_prefix="vision_model."), params, dtype),
                           max_shard_bytes)
         _write_config(vision_dir, dict(hf_config.vision_to_hf(m.vision), dtype=torch_dtype))
-        lavi_dir = os.path.join(out, "lavi")
+        lavi_dir = storage.join(out, "lavi")
         write_safetensors(lavi_dir, hf_tensor_specs(mapping.lavi_entries(m), params, dtype), max_shard_bytes)
         _write_config(lavi_dir, lavi_config(m))
         written += [vision_dir, lavi_dir]

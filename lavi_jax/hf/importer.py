@@ -28,9 +28,6 @@ Never imported: SigLIP's pooling head and CLIP/SigLIP text towers.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 from typing import Callable
 
 import flax.linen as nn
@@ -38,10 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from lavi_jax import config as C
-from lavi_jax import sharding
+from lavi_jax import sharding, storage
 from lavi_jax.data.tokenizer import image_token_id_in
 from lavi_jax.hf import config as hf_config
-from lavi_jax.hf import mapping
+from lavi_jax.hf import hub, mapping
 from lavi_jax.hf.errors import ConversionError, UnsupportedModel
 from lavi_jax.hf.placement import check_shapes, flatten, place_entries, unflatten
 from lavi_jax.hf.safetensors_io import SafetensorsReader
@@ -97,12 +94,11 @@ def _vision_entries(cfg, names) -> list[mapping.Entry]:
 
 
 def read_lavi_config(path: str) -> tuple[str, dict]:
-    """``(export dir, lavi/config.json)`` for an export dir or its ``lavi/`` subdir."""
-    for root in (path, os.path.dirname(os.path.abspath(path))):
-        file = os.path.join(root, LAVI_DIR, "config.json")
-        if os.path.exists(file):
-            with open(file) as f:
-                raw = json.load(f)
+    """``(export dir, lavi/config.json)`` for an export dir or its ``lavi/`` subdir (local or a URI)."""
+    for root in (storage.absolute(path), storage.parent(path)):
+        file = storage.join(root, LAVI_DIR, "config.json")
+        if storage.isfile(file):
+            raw = storage.read_json(file)
             if raw.get("model_type") != "lavi":
                 raise UnsupportedModel(f"{file}: model_type {raw.get('model_type')!r} is not 'lavi'")
             return root, raw
@@ -112,7 +108,14 @@ def read_lavi_config(path: str) -> tuple[str, dict]:
 def plan(llm_dir: str | None = None, vision_dir: str | None = None, base: C.ConfigDict | None = None, *,
          llava_dir: str | None = None, lavi_dir: str | None = None, fusion: str | None = None,
          dtype: str | None = None, scan: bool | None = None) -> tuple[C.ConfigDict, list[Source]]:
-    """The model config and, per checkpoint directory, the entries to read from it."""
+    """The model config and, per checkpoint directory, the entries to read from it.
+
+    ``llm_dir``, ``vision_dir`` and ``llava_dir`` are local directories, URIs (``gs://...``) or Hugging Face Hub
+    ids (``org/name[@revision]``, :func:`lavi_jax.hf.hub.resolve`); ``lavi_dir`` is a local directory or a URI."""
+    llm_dir, vision_dir, llava_dir = hub.resolve(llm_dir), hub.resolve(vision_dir), hub.resolve(llava_dir)
+    for given_dir in (llm_dir, vision_dir, llava_dir, lavi_dir):
+        if given_dir:
+            storage.check_readable(given_dir)  # one line naming it: missing, or its store unreachable
     given = [n for n, v in (("--llm", llm_dir), ("--llava", llava_dir), ("--lavi", lavi_dir)) if v]
     if len(given) != 1:
         raise ValueError(f"give exactly one of --llm, --llava, --lavi (got {given or 'none'})")
@@ -121,8 +124,8 @@ def plan(llm_dir: str | None = None, vision_dir: str | None = None, base: C.Conf
     if lavi_dir:
         root, raw = read_lavi_config(lavi_dir)
         base = C.ConfigDict(raw["model"])
-        llm_dir = os.path.join(root, "llm")
-        vision_dir = os.path.join(root, "vision") if os.path.isdir(os.path.join(root, "vision")) else None
+        llm_dir = storage.join(root, "llm")
+        vision_dir = storage.join(root, "vision") if storage.isdir(storage.join(root, "vision")) else None
     m = C.model() if base is None else C.ConfigDict(base.to_dict())
     if fusion:
         m.fusion = fusion
@@ -152,7 +155,7 @@ def plan(llm_dir: str | None = None, vision_dir: str | None = None, base: C.Conf
         elif m.fusion != "none":
             raise ValueError(f"fusion={m.fusion!r} needs a vision tower: pass --vision (or use --fusion none)")
         if not lavi_dir:
-            tok_id = image_token_id_in(llm_dir)
+            tok_id = image_token_id_in(storage.local_dir(llm_dir, ("tokenizer.json",)))
             if tok_id is not None and tok_id < m.llm.vocab_size:
                 m.image_token_id = tok_id
     if m.image_token_id >= m.llm.vocab_size:
@@ -188,7 +191,7 @@ def plan(llm_dir: str | None = None, vision_dir: str | None = None, base: C.Conf
         src.entries = _llm_entries(m, src.open().names())
         sources.append(src)
         if vision_dir is not None:
-            vsrc = next((s for s in sources if os.path.abspath(s.path) == os.path.abspath(vision_dir)), None)
+            vsrc = next((s for s in sources if storage.absolute(s.path) == storage.absolute(vision_dir)), None)
             if vsrc is None:
                 vsrc = Source(vision_dir)
                 sources.append(vsrc)
@@ -200,7 +203,7 @@ def plan(llm_dir: str | None = None, vision_dir: str | None = None, base: C.Conf
                 vsrc.unused[p] = "text tower / contrastive head"
         if lavi_dir:
             root, _ = read_lavi_config(lavi_dir)
-            lsrc = Source(os.path.join(root, LAVI_DIR))
+            lsrc = Source(storage.join(root, LAVI_DIR))
             lsrc.entries = mapping.lavi_entries(m)
             if lsrc.entries:
                 sources.append(lsrc)
@@ -289,21 +292,15 @@ def model_config_from_hf(llm_dir: str, vision_dir: str | None = None, base: C.Co
 
 
 def tokenizer_source(llm_dir: str | None = None, llava_dir: str | None = None, lavi_dir: str | None = None) -> str | None:
-    """The directory whose tokenizer files go with the imported checkpoint."""
+    """The directory whose tokenizer files go with the imported checkpoint (a Hub id resolved to its snapshot)."""
     if lavi_dir:
-        return os.path.join(read_lavi_config(lavi_dir)[0], "llm")
-    return llm_dir or llava_dir
+        return storage.join(read_lavi_config(lavi_dir)[0], "llm")
+    return hub.resolve(llm_dir or llava_dir)
 
 
 def copy_tokenizer(src: str, dst: str) -> bool:
-    """Copies the tokenizer files of ``src`` into ``dst``; False when there are none."""
-    files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
-    if not files:
-        return False
-    os.makedirs(dst, exist_ok=True)
-    for f in files:
-        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
-    return True
+    """Copies the tokenizer files of ``src`` into ``dst`` (either local or a URI); False when there are none."""
+    return storage.isdir(src) and bool(storage.copy_tree(src, dst, names=TOKENIZER_FILES))
 
 
 def full_config(model_cfg: C.ConfigDict, config: C.ConfigDict | None = None) -> C.ConfigDict:
