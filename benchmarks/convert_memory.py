@@ -14,7 +14,7 @@ live in host memory, so 1.0x is the floor; the target is at most 1.3x. Prints a 
 ``benchmarks/results/convert_memory.json``.
 
 ``--sources local,gs`` also imports the same checkpoint from a ``gs://`` bucket: a
-GCS-compatible server on 127.0.0.1 (``tests.gcs.Emulator``, in memory, in its own
+GCS-compatible server on 127.0.0.1 (``benchmarks.gcs.Emulator``, in memory, in its own
 process, so its memory is not counted) is started, the checkpoint uploaded to it,
 and the child reads every tensor with ranged requests from it; the table puts the
 two side by side.
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     sources = a.sources.split(",")
     emulator = None
     if "gs" in sources:
-        from tests.gcs import Emulator, environment
+        from benchmarks.gcs import Emulator, environment
 
         emulator = Emulator()
         os.environ.update(environment(emulator.url))  # the children inherit them

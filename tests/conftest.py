@@ -24,10 +24,10 @@ def pil_rejects_truncated_images():
 
 @pytest.fixture(scope="session")
 def gcs():
-    """A GCS-compatible server on 127.0.0.1 for the session (tests.gcs.Emulator), with gcsfs, google-cloud-storage
+    """A GCS-compatible server on 127.0.0.1 for the session (benchmarks.gcs.Emulator), with gcsfs, google-cloud-storage
     and tensorstore pointed at it through STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL (subprocesses inherit
     them); stopped, and the variables restored, at the end."""
-    from tests.gcs import Emulator, environment
+    from benchmarks.gcs import Emulator, environment
 
     server = Emulator()
     saved = {k: os.environ.get(k) for k in environment(server.url)}

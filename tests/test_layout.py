@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Floors from the bottom up. A module may import modules of its own floor or below.
 FLOORS = (
-    ("lavi_jax.config", "lavi_jax.sharding", "lavi_jax.distributed"),
+    ("lavi_jax.config", "lavi_jax.sharding", "lavi_jax.distributed", "lavi_jax.storage"),
     ("lavi_jax.models", "lavi_jax.data"),
     ("lavi_jax.checkpoint", "lavi_jax.generate", "lavi_jax.hf"),
     ("lavi_jax.eval",),

@@ -14,7 +14,7 @@ import pytest
 from lavi_jax import checkpoint, sharding, storage, train as training
 from lavi_jax.demo.synthetic import write_synthetic_vqa
 from tests.bucket_worker import config_for
-from tests.gcs import FaultyProxy, environment, free_port
+from benchmarks.gcs import FaultyProxy, environment, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "bucket_worker.py")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
-import os
 import time
 
 import jax
 from jax.experimental import multihost_utils
 
-from lavi_jax import eval as evaluation, sharding
+from lavi_jax import eval as evaluation, sharding, storage
 from lavi_jax.data import load_records, make_components
 from lavi_jax.demo.synthetic import QUESTION_TYPES, SHAPES, write_synthetic_vqa
 from lavi_jax.models.lavi import LaVi
@@ -38,9 +36,8 @@ def by_question_type(records, correct: dict[int, bool]) -> dict[str, float]:
 
 def _read_json(path: str):
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):  # absent or half-written: the data is written anew
+        return storage.read_json(path)
+    except (OSError, ValueError):  # absent or unreadable: the data is written anew
         return None
 
 
@@ -60,12 +57,11 @@ def write_data(config, data_dir: str) -> dict[str, str]:
     spec = {"num_train": d.num_train, "num_eval": d.num_eval, "seed": d.seed, "image_size": d.image_size,
             "train_turns": d.train_turns, "train_kinds": list(d.train_kinds), "grid": d.grid,
             "sentences": d.sentences, "jitter": d.jitter}
-    paths = {"train_json": os.path.join(data_dir, "train.json"), "eval_json": os.path.join(data_dir, "eval.json"),
+    paths = {"train_json": storage.join(data_dir, "train.json"), "eval_json": storage.join(data_dir, "eval.json"),
              "image_root": data_dir}
-    if jax.process_index() == 0 and _read_json(os.path.join(data_dir, "spec.json")) != spec:
+    if jax.process_index() == 0 and _read_json(storage.join(data_dir, "spec.json")) != spec:
         write_synthetic_vqa(data_dir, **dict(spec, train_kinds=tuple(spec["train_kinds"])))
-        with open(os.path.join(data_dir, "spec.json"), "w") as f:
-            json.dump(spec, f)
+        storage.write_json(storage.join(data_dir, "spec.json"), spec)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("demo data written")
     return paths
@@ -77,7 +73,7 @@ def run(config, workdir: str) -> dict:
     check_config(config)
     config = copy.deepcopy(config)
     with config.unlocked():
-        config.data.update(write_data(config, os.path.join(workdir, "data")))
+        config.data.update(write_data(config, storage.join(workdir, "data")))
     eval_records = load_records(config.data.eval_json)
     results = {}
     for fusion in config.demo.fusions:
@@ -86,7 +82,7 @@ def run(config, workdir: str) -> dict:
             run_config.model.fusion = fusion
             run_config.evals.exact_match = False  # evaluated below, with the per-type breakdown
         t0 = time.time()
-        state, out = train(run_config, os.path.join(workdir, fusion))
+        state, out = train(run_config, storage.join(workdir, fusion))
         tokenizer, processor = make_components(run_config)
         mesh = sharding.make_mesh(run_config.mesh.to_dict())  # the mesh train() placed the params on
         scores, correct = evaluation.evaluate_exact_match(run_config, LaVi(run_config.model), state.params, mesh,
@@ -97,8 +93,8 @@ def run(config, workdir: str) -> dict:
     majority = majority_rate(eval_records)
     if jax.process_index() == 0:
         print_table(results, majority, len(eval_records))
-        with open(os.path.join(workdir, "demo_results.json"), "w") as f:
-            json.dump({"majority_rate": majority, "results": results}, f, indent=1)
+        storage.write_json(storage.join(workdir, "demo_results.json"), {"majority_rate": majority, "results": results},
+                           indent=1)
     return results
 
 

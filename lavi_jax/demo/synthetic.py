@@ -36,12 +36,13 @@ Options (``write_synthetic_vqa``):
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from lavi_jax import storage
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -165,7 +166,6 @@ def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size
                sentences: bool = False, jitter: bool = True) -> list[dict[str, Any]]:
     """Draws and saves the images of one split; returns its LLaVA records (``turns`` questions each)."""
     rng = np.random.default_rng([seed, sum(map(ord, split))])
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i in range(num_records):
         scene = make_scene(rng, image_size, grid, jitter)
@@ -180,7 +180,9 @@ def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size
             prefix = "<image>\n" if not conversation else ""
             conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
         name = f"images/{split}-{i:05d}.png"
-        draw_scene(scene, image_size).save(os.path.join(out_dir, name))
+        png = io.BytesIO()
+        draw_scene(scene, image_size).save(png, format="PNG")
+        storage.write_bytes(storage.join(out_dir, *name.split("/")), png.getvalue())
         records.append({
             "id": f"{split}-{i:05d}",
             "image": name,
@@ -203,8 +205,8 @@ def write_synthetic_vqa(
     ``config.data.update(**paths)``.
     """
     paths = {
-        "train_json": os.path.join(out_dir, "train.json"),
-        "eval_json": os.path.join(out_dir, "eval.json"),
+        "train_json": storage.join(out_dir, "train.json"),
+        "eval_json": storage.join(out_dir, "eval.json"),
         "image_root": out_dir,
     }
     if train_turns < 1:
@@ -214,6 +216,5 @@ def write_synthetic_vqa(
         raise ValueError(f"train_kinds {tuple(train_kinds)}: each must be one of {QUESTION_TYPES + EXTRA_TYPES}")
     for split, count, turns, kinds in (("train", num_train, train_turns, tuple(train_kinds)), ("eval", num_eval, 1, QUESTION_TYPES)):
         records = make_split(out_dir, split, count, seed, image_size, turns, kinds, grid, sentences, jitter)
-        with open(paths[f"{split}_json"], "w") as f:
-            json.dump(records, f, indent=1)
+        storage.write_json(paths[f"{split}_json"], records, indent=1)
     return paths

@@ -5,7 +5,7 @@ tensorstore (which orbax writes and reads arrays with) takes an object's
 generation from them and refuses a read without ("Malformed StorageGeneration").
 The emulator 2026.7.19 omits them; this adds them and runs its command line:
 
-    python tests/gcs_server.py start --host 127.0.0.1 --port PORT --in-memory
+    python benchmarks/gcs_server.py start --host 127.0.0.1 --port PORT --in-memory
 """
 
 from gcp_storage_emulator.handlers import objects

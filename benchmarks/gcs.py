@@ -1,7 +1,7 @@
-"""A GCS-compatible server on 127.0.0.1 for the storage tests, and a proxy in front of it that fails requests.
+"""A GCS-compatible server on 127.0.0.1 for the storage tests and benchmarks, and a proxy that fails requests.
 
 ``Emulator`` runs ``gcp-storage-emulator`` (pinned in requirements.txt; with the
-download headers of real GCS, ``tests/gcs_server.py``) as a subprocess on a free loopback port, in memory; ``FaultyProxy`` forwards HTTP
+download headers of real GCS, ``benchmarks/gcs_server.py``) as a subprocess on a free loopback port, in memory; ``FaultyProxy`` forwards HTTP
 requests to it and fails a share of them (HTTP 503, a reset connection, a
 stall followed by a reset), counting what it did. ``environment(url)`` gives
 the variables that point gcsfs / google-cloud-storage and tensorstore at a
