@@ -11,13 +11,16 @@ float32, normalise in float32. The output is float32 ``[H, W, 3]``
 from __future__ import annotations
 
 import dataclasses
-import json
+import errno
+import io
 import math
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from lavi_jax import storage
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -166,11 +169,10 @@ class ImageProcessor:
 
     @classmethod
     def from_hf_dir(cls, path: str) -> ImageProcessor:
-        """Reads ``<path>/preprocessor_config.json`` (or that file itself)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "preprocessor_config.json")
-        with open(path) as f:
-            return cls.from_hf_config(json.load(f))
+        """Reads ``<path>/preprocessor_config.json`` (or that file itself); ``path`` may be a URI."""
+        if storage.isdir(path):
+            path = storage.join(path, "preprocessor_config.json")
+        return cls.from_hf_config(storage.read_json(path))
 
 
 def center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -190,22 +192,34 @@ def center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def make_image_processor(processor: str, image_size: int) -> ImageProcessor:
     """``"siglip"`` | ``"clip"`` at ``image_size``, or a HF directory with a
-    ``preprocessor_config.json``."""
+    ``preprocessor_config.json`` (a local path or a URI)."""
     if processor == "siglip":
         return ImageProcessor.siglip(image_size)
     if processor == "clip":
         return ImageProcessor.clip(image_size)
-    if os.path.exists(processor):
+    if storage.exists(processor):
         return ImageProcessor.from_hf_dir(processor)
     raise ValueError(f"processor must be 'siglip', 'clip' or a HF processor directory, got {processor!r}")
+
+
+def read_media(path: str) -> bytes:
+    """The bytes of a media file (local path or URI), in one request; a missing one raises the
+    ``FileNotFoundError`` the built-in ``open`` raises (``[Errno 2] No such file or directory: 'path'``)."""
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
 
 
 class ImageTooLargeError(ValueError):
     """Raised for images whose pixel count exceeds the configured limit."""
 
 
-def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
+def load_image(path, max_pixels: int | None = None) -> Image.Image:
     """Opens and fully decodes an image file, rejecting decompression bombs.
+
+    ``path`` is a local path or a URI (read whole, in one request, through
+    :mod:`lavi_jax.storage`), or an open binary file object.
 
     The pixel count is checked from the header, before any pixel is decoded,
     against ``max_pixels`` (default: PIL's ``Image.MAX_IMAGE_PIXELS``).
@@ -213,7 +227,8 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
     itself refuses images above twice its global limit whatever ``max_pixels``.
     """
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    with Image.open(path) as image:
+    source = io.BytesIO(read_media(os.fspath(path))) if isinstance(path, (str, os.PathLike)) else path
+    with Image.open(source) as image:
         if limit is not None and image.width * image.height > limit:
             raise ImageTooLargeError(
                 f"image is {image.width}x{image.height} = {image.width * image.height} pixels, "

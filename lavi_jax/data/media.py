@@ -25,12 +25,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from lavi_jax import storage
 from lavi_jax.data.anyres import AnyresProcessor
 from lavi_jax.data.image_processor import ImageProcessor, load_image
 from lavi_jax.data.records import resolve_path
@@ -61,10 +61,11 @@ def media_items(sample: dict[str, Any]) -> list[Item]:
 
 
 def inside_root(root: str | None, path: str) -> str:
-    """``path`` if it lies inside ``root`` (lexically; no root: any path); raises ``ValueError`` otherwise."""
+    """``path`` if it lies inside ``root`` (lexically; no root: any path); raises ``ValueError`` otherwise.
+    ``root`` and ``path`` may be URIs (``gs://bucket/images``); a URI is never made absolute."""
     if not root:
         return path
-    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    relative = storage.relpath(path, root)
     try:
         return resolve_path(root, relative)
     except ValueError:

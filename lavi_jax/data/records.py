@@ -7,6 +7,8 @@ import os
 import re
 from typing import Any
 
+from lavi_jax import storage
+
 
 def load_records(path: str) -> list[Any]:
     """Records of a LLaVA ``.json`` (a list of objects) or ``.jsonl`` file.
@@ -16,10 +18,8 @@ def load_records(path: str) -> list[Any]:
     shows up as a bad record instead of failing the whole file.
     """
     if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            return [line for line in f if line.strip()]
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+        return [line for line in storage.iter_lines(path) if line.strip()]
+    records = json.loads(storage.read_bytes(path).decode("utf-8"))
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
@@ -44,7 +44,8 @@ def resolve_path(root: str, relative: Any) -> str:
     """``root/relative``, refusing absolute paths and ``..`` escapes.
 
     The check is lexical: symlinks placed inside the root by whoever prepared
-    it are followed, but a record cannot name a file outside the root.
+    it are followed, but a record cannot name a file outside the root. ``root``
+    may be a URI (``gs://bucket/images``): the result is then a URI too.
     """
     if not isinstance(relative, str) or not relative:
         raise ValueError(f"media path must be a non-empty string, got {relative!r}")
@@ -55,4 +56,4 @@ def resolve_path(root: str, relative: Any) -> str:
     normalised = os.path.normpath(relative)
     if normalised in (".", "..") or normalised.startswith(".." + os.sep):
         raise ValueError(f"media path {relative!r} escapes the image root")
-    return os.path.join(root, normalised)
+    return storage.join(root, normalised)

@@ -21,11 +21,11 @@ becomes exactly one ``image_token_id``; the model expands it.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+
+from lavi_jax import storage
 
 IMAGE_TOKEN = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -146,9 +146,10 @@ class HFTokenizer:
     def __init__(self, path: str, chat_template: str | None = None):
         import transformers  # deferred: slow to import
 
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
-        tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        # transformers reads local files only: a URI's files are copied to a local cache first.
+        tok = transformers.AutoTokenizer.from_pretrained(storage.local_dir(path), trust_remote_code=False)
         if chat_template is not None:
             tok.chat_template = chat_template
         if not tok.chat_template:
@@ -227,11 +228,10 @@ def make_tokenizer(spec: str) -> Tokenizer:
 def image_token_id_in(path: str) -> int | None:
     """The id the tokenizer directory ``path`` gives ``<image>`` without loading it: its id when the tokenizer has
     it, else the id :class:`HFTokenizer` will add it at; None when ``path`` holds no ``tokenizer.json``."""
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.exists(file):
+    file = storage.join(path, "tokenizer.json")
+    if not storage.exists(file):
         return None
-    with open(file, encoding="utf-8") as f:
-        tok = json.load(f)
+    tok = storage.read_json(file)
     added = {t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])}
     if IMAGE_TOKEN in added:
         return added[IMAGE_TOKEN]

@@ -14,12 +14,15 @@ kept in the per-sample row under "error".
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import sys
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from lavi_jax import storage
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 OPTION_LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -48,14 +51,19 @@ class Evaluator:
 # ----------------------------------------------------------------------------- files
 
 
+def open_text(path, newline=None) -> io.TextIOWrapper:
+    """A text file (local path or URI), read whole in one request, as the built-in ``open`` reads it."""
+    return io.TextIOWrapper(io.BytesIO(storage.read_bytes(os.fspath(path))), encoding="utf-8", newline=newline)
+
+
 def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def read_json(path):
     """A .json file; falls back to JSON lines (POPE's `coco_pope_*.json` are JSONL)."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         text = f.read()
     try:
         return json.loads(text)
@@ -65,7 +73,7 @@ def read_json(path):
 
 def read_tsv(path) -> list[dict]:
     csv.field_size_limit(sys.maxsize)  # MMBench cells hold base64 images
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_text(path, newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -116,8 +124,8 @@ def join_root(root, path):
     if path is None or root is None:
         return path
     if isinstance(path, (list, tuple)):
-        return [os.path.join(root, p) for p in path]
-    return os.path.join(root, path)
+        return [storage.join(root, p) for p in path]
+    return storage.join(root, path)
 
 
 def unique_ids(ids: Sequence[str]) -> list[str]:

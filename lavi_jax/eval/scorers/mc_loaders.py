@@ -19,13 +19,13 @@ A record without an id or a question is left out and reported through `ev.skip(i
 from __future__ import annotations
 
 import base64
-import glob
 import numbers
 import os
 import re
 from typing import Any, Sequence
 
 import lavi_jax.eval.scorers.common as common
+from lavi_jax import storage
 from lavi_jax.eval.scorers.mc_lenient import BARE, LETTERS, extract_choice, norm_text
 
 
@@ -105,11 +105,10 @@ def _image_from_cell(cell, cache_dir, name) -> tuple[Any, str | None]:
         return None, cell
     data = base64.b64decode(cell)
     ext = ".png" if data[:4] == b"\x89PNG" else ".jpg"
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"{name}{ext}")
-    if not os.path.exists(path):
-        with open(path, "wb") as f:
-            f.write(data)
+    storage.makedirs(cache_dir)
+    path = storage.join(cache_dir, f"{name}{ext}")
+    if not storage.exists(path):
+        storage.write_bytes(path, data)
     return path, None
 
 
@@ -215,11 +214,11 @@ def load_scienceqa(ev, questions, annotations):
 
 
 def load_mvbench(ev, questions, annotations):
-    files = (sorted(glob.glob(os.path.join(questions, "*.json"))) if os.path.isdir(questions)
+    files = (storage.glob(storage.join(questions, "*.json")) if storage.isdir(questions)
              else [questions])
     out = []
     for path in files:
-        task = os.path.splitext(os.path.basename(path))[0]
+        task = os.path.splitext(storage.basename(path))[0]
         for i, r in enumerate(common.read_any(path)):
             # lmms-eval: the first candidate equal to the answer gives the letter.
             cands = r.get("candidates") or []

@@ -27,12 +27,14 @@ category`), or None to take the questions from the folder.
 
 from __future__ import annotations
 
-import glob
 import os
+import posixpath
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lavi_jax.eval.scorers.common as common
+from lavi_jax import storage
 from lavi_jax.eval.scorers import yes_no
 
 CONVENTION = "lmms-eval 0.7.3 mme"
@@ -63,27 +65,33 @@ def mme_label(value) -> str | None:
 
 
 def mme_ground_truth(root) -> list[dict]:
-    """[{category, image (relative to root), question, answer}] from the MME release folder."""
-    out = []
-    for cat_dir in sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.isdir(p)):
-        category = os.path.basename(cat_dir)
-        qa_dir, img_dir = os.path.join(cat_dir, "questions_answers_YN"), os.path.join(cat_dir,
-                                                                                     "images")
-        if not os.path.isdir(qa_dir):
-            qa_dir, img_dir = cat_dir, cat_dir
-        images = {os.path.splitext(f)[0]: f for f in os.listdir(img_dir)
+    """[{category, image (relative to root), question, answer}] from the MME release folder
+    (a local path or a URI; its question files are read concurrently, one request each)."""
+    files = []  # (category, image relative to root, question file)
+    for category in storage.listdir(root):
+        cat_dir = storage.join(root, category)
+        if category.startswith(".") or not storage.isdir(cat_dir):
+            continue
+        qa_dir, img_dir = storage.join(cat_dir, "questions_answers_YN"), storage.join(cat_dir, "images")
+        sub = ("images",)
+        if not storage.isdir(qa_dir):
+            qa_dir, img_dir, sub = cat_dir, cat_dir, ()
+        images = {os.path.splitext(f)[0]: f for f in storage.listdir(img_dir)
                   if f.lower().endswith(_IMAGE_EXTS)}
-        for txt in sorted(glob.glob(os.path.join(qa_dir, "*.txt"))):
-            stem = os.path.splitext(os.path.basename(txt))[0]
-            if stem not in images:
-                continue
-            image = os.path.relpath(os.path.join(img_dir, images[stem]), root)
-            with open(txt, encoding="utf-8") as f:
-                for line in f:
-                    if "\t" in line:
-                        question, answer = line.rstrip("\n").rsplit("\t", 1)
-                        out.append({"category": category, "image": image,
-                                    "question": question.strip(), "answer": answer})
+        for name in storage.listdir(qa_dir):
+            stem, ext = os.path.splitext(name)
+            if ext == ".txt" and not name.startswith(".") and stem in images:
+                files.append((category, posixpath.join(category, *sub, images[stem]),
+                              storage.join(qa_dir, name)))
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(lambda f: common.open_text(f[2]).read(), files))
+    out = []
+    for (category, image, _), text in zip(files, texts):
+        for line in text.split("\n"):
+            if "\t" in line:
+                question, answer = line.rsplit("\t", 1)
+                out.append({"category": category, "image": image,
+                            "question": question.strip(), "answer": answer})
     return out
 
 
@@ -110,7 +118,7 @@ class MMEEvaluator(common.Evaluator):
 
     def load(self, questions=None, annotations=None, *, image_root=None, limit=None) -> list[dict]:
         self.report = report = yes_no.InputReport(self.name)
-        if isinstance(questions, (str, os.PathLike)) and os.path.isdir(questions):
+        if isinstance(questions, (str, os.PathLike)) and storage.isdir(questions):
             questions, annotations = None, questions
         truth = mme_ground_truth(annotations) if annotations is not None else []
         if questions is None:

@@ -28,13 +28,13 @@ category, image and question (by order within a category when the texts differ).
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from collections import defaultdict
 from typing import Any
 
 import lavi_jax.eval.scorers.common as common
+from lavi_jax import storage
 from lavi_jax.eval.scorers import yes_no
 
 CONVENTION = "LLaVA eval_pope.py"
@@ -60,9 +60,9 @@ def _files(path) -> list[str]:
     if isinstance(path, (list, tuple)):
         return [os.fspath(p) for p in path]
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return sorted(glob.glob(os.path.join(path, "*.json")) +
-                      glob.glob(os.path.join(path, "*.jsonl")))
+    if storage.isdir(path):
+        return sorted(storage.glob(storage.join(path, "*.json")) +
+                      storage.glob(storage.join(path, "*.jsonl")))
     return [path]
 
 
@@ -70,7 +70,7 @@ def _records(path) -> list[dict]:
     """Records of one or more files; category from the record or from `*pope_<category>.json`."""
     out = []
     for f in _files(path):
-        m = re.search(r"pope_([A-Za-z]+)\.jsonl?$", os.path.basename(f))
+        m = re.search(r"pope_([A-Za-z]+)\.jsonl?$", storage.basename(f))
         for r in common.read_any(f):
             out.append({**r, "category": r.get("category") or (m.group(1) if m else None)})
     return out
