@@ -8,18 +8,16 @@
 The model, tokenizer and image processor come from the checkpoint (``--ckpt``,
 or the latest checkpoint of ``--workdir``); the config gives the mesh and the
 tasks (``config.evals``, see ``lavi_jax/eval/tasks.py``). Results go to
-``<out>/<task>.json`` (default ``<workdir>/results``) and a summary table is
-printed. Run the same command on every host of a pod; pass
---coordinator_address, --num_processes and --process_id where JAX cannot detect
-them (CPU, bare GPU clusters).
+``<out>/<task>.json`` (default ``<workdir>/results``; every path may be a
+``gs://bucket/key`` URI) and a summary table is printed. Run the same command
+on every host of a pod; pass --coordinator_address, --num_processes and
+--process_id where JAX cannot detect them (CPU, bare GPU clusters).
 """
-
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from lavi_jax import checkpoint, distributed
+from lavi_jax import checkpoint, distributed, storage
 from lavi_jax.eval import evaluate_checkpoint
 
 flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is evaluated; results go to <workdir>/results.")
@@ -35,10 +33,10 @@ def output_dir() -> str:
     if FLAGS.out:
         return FLAGS.out
     if FLAGS.workdir:
-        return os.path.join(FLAGS.workdir, "results")
+        return storage.join(FLAGS.workdir, "results")
     directory = checkpoint.resolve(FLAGS.ckpt)
-    parent = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
-    return os.path.join(parent, "results")
+    parent = storage.parent(directory) if storage.basename(directory) == "checkpoints" else directory
+    return storage.join(parent, "results")
 
 
 def main(argv):
@@ -46,7 +44,9 @@ def main(argv):
     if not (FLAGS.ckpt or FLAGS.workdir):
         raise app.UsageError("pass --workdir or --ckpt")
     distributed.start_from_flags()
-    evaluate_checkpoint(FLAGS.config, FLAGS.ckpt or FLAGS.workdir, output_dir(), step=FLAGS.step)
+    out = output_dir()
+    storage.check_writable(out)  # a missing bucket or no permission fails here, before the model is loaded
+    evaluate_checkpoint(FLAGS.config, FLAGS.ckpt or FLAGS.workdir, out, step=FLAGS.step)
 
 
 if __name__ == "__main__":

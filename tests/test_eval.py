@@ -368,6 +368,16 @@ def counting_generate(monkeypatch, stop_after=None):
     return calls
 
 
+def part_names(log):
+    """The part files of predictions log folder ``log``, in order."""
+    return sorted(p.name for p in log.iterdir() if p.name.startswith("part-"))
+
+
+def logged_records(log):
+    """The records of predictions log folder ``log``, parts in order."""
+    return [json.loads(x) for name in part_names(log) for x in (log / name).read_text().splitlines()]
+
+
 def test_interrupted_run_resumes_to_the_same_results(setup, runs, tmp_path, monkeypatch, capsys):
     """Preempted after 2 batches of 2, a rerun generates only the rest and equals the uninterrupted run."""
     runner, params, task_list = make_runner_on(setup, {"data": 1}, 2)
@@ -376,11 +386,11 @@ def test_interrupted_run_resumes_to_the_same_results(setup, runs, tmp_path, monk
     calls = counting_generate(monkeypatch, stop_after=2)
     with pytest.raises(Preempted):
         lavi_eval.run_tasks(runner, params, task_list, out, checkpoint=ident)
-    log = tmp_path / "llava_json.predictions.jsonl"
-    logged = [json.loads(x) for x in open(log)][1:]
-    assert calls == [2, 2] and len(logged) == 4
-    with open(log, "a") as f:
-        f.write('{"id": "cut sh')  # a write cut short by the preemption
+    log = tmp_path / "llava_json.predictions"
+    logged = logged_records(log)
+    assert calls == [2, 2] and len(logged) == 4 and part_names(log) == ["part-00000.jsonl", "part-00001.jsonl"]
+    (log / "part-00002.jsonl").write_text('{"id": "cut sh')  # a part that does not parse: dropped, and all after it
+    (log / "part-00003.jsonl").write_text('{"id": "after the cut", "prediction": "x", "error": null}\n')
     monkeypatch.undo()
     calls = counting_generate(monkeypatch)
     resumed = lavi_eval.run_tasks(runner, params, task_list, out, checkpoint=ident)
@@ -388,8 +398,9 @@ def test_interrupted_run_resumes_to_the_same_results(setup, runs, tmp_path, monk
     assert resumed[0]["settings"]["resumed"] == 4 and resumed[1]["settings"]["resumed"] == 0
     assert sum(calls) == 11 - 4 + 10  # llava_json: the 7 not done; pope: all 10 (image failures are found in batches)
     assert [strip(r) for r in resumed] == [strip(r) for r in runs[1][2]]
-    done = [json.loads(x) for x in open(log)][1:]
-    assert len(done) == 11 and done[:4] == logged
+    done = logged_records(log)
+    assert len(done) == 11 and done[:4] == logged  # numbered on after the last intact part
+    assert part_names(log) == [f"part-{i:05d}.jsonl" for i in range(6)]
     print(f"resume: {len(logged)} of 11 llava_json samples done before the interruption, "
           f"{11 - len(logged)} generated after it; per-sample predictions and metrics equal", file=sys.stderr)
 
@@ -406,10 +417,10 @@ def test_resume_of_another_run_starts_over(setup, tmp_path, monkeypatch, capsys)
     other = runner.run(params, task, out, checkpoint={"path": setup["ckpt"], "step": 1})
     assert "written for another checkpoint; starting over" in capsys.readouterr().out
     assert other["settings"]["resumed"] == 0 and sum(calls) == 4
-    log = tmp_path / "llava_json.predictions.jsonl"
-    lines = log.read_text().splitlines()
-    header = json.loads(lines[0])
-    log.write_text("\n".join([json.dumps({**header, "config": "another"})] + lines[1:]) + "\n")
+    log = tmp_path / "llava_json.predictions"
+    assert len(logged_records(log)) == 4 and part_names(log) == ["part-00000.jsonl"]  # the old parts removed
+    header = json.loads((log / "header.json").read_text())
+    (log / "header.json").write_text(json.dumps({**header, "config": "another"}))
     assert runner.run(params, task, out, checkpoint={"path": setup["ckpt"], "step": 1})["settings"]["resumed"] == 0
     assert "written for another config; starting over" in capsys.readouterr().out
     task.limit = 3

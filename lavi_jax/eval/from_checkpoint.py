@@ -7,11 +7,9 @@ and, where it sets them, the data paths (``eval_json``, ``image_root``).
 
 from __future__ import annotations
 
-import os
-
 import jax
 
-from lavi_jax import checkpoint, sharding
+from lavi_jax import checkpoint, sharding, storage
 from lavi_jax.data.components import make_components
 from lavi_jax.eval.tasks import tasks_from_config
 from lavi_jax.eval.suite import make_runner, run_tasks
@@ -27,8 +25,8 @@ class CheckpointConfigError(ValueError):
 
 def _step(path: str, step: int | None) -> tuple[str, int]:
     """``(checkpoint manager dir, step)``; the step of a step dir, else ``step``, else the latest."""
-    name = os.path.basename(os.path.normpath(path))
-    if step is None and name.isdigit() and os.path.isdir(os.path.join(path, "params")):
+    name = storage.basename(storage.absolute(path))
+    if step is None and name.isdigit() and storage.isdir(storage.join(path, "params")):
         step = int(name)
     directory = checkpoint.resolve(path)
     if step is None:
@@ -41,8 +39,8 @@ def _step(path: str, step: int | None) -> tuple[str, int]:
 
 def saved_config(directory: str, step: int):
     """The config saved with step ``step``, or None when the checkpoint has none; raises for an unreadable one."""
-    item = os.path.join(directory, str(step), "config")
-    if not os.path.isdir(item):
+    item = storage.join(directory, str(step), "config")
+    if not storage.isdir(item):
         return None
     try:
         return checkpoint.read_config(directory, step)
@@ -77,7 +75,7 @@ def checkpoint_config(config, path: str, step: int | None = None):
     merge_saved_config(config, saved)
     with config.unlocked():
         config.data.tokenizer = checkpoint.tokenizer_dir(directory) or config.data.tokenizer
-        if not os.path.isdir(str(config.data.processor)):
+        if not storage.isdir(str(config.data.processor)):
             config.data.processor = config.model.vision.type
         config.data.image_size = config.model.vision.image_size
     return config, directory, step

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
+
+from lavi_jax import storage
 
 # scorer -> (lmms-eval task, [(lmms-eval metric, our metric, scale)])
 _ACCURACY = [("exact_match", "accuracy", 1.0)]
@@ -155,25 +156,20 @@ def results_document(results: list[dict], *, model_name: str, date: str, start_t
     return doc
 
 
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_lmms_eval(results: list[dict], out_dir: str, *, model_name: str = "lavi_jax",
                     date: str | None = None, start_time: float | None = None) -> list[str]:
-    """Writes ``<date>_samples_<task>.jsonl`` per task and ``<date>_results.json``; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Writes ``<date>_samples_<task>.jsonl`` per task and ``<date>_results.json`` (each whole, through
+    :mod:`lavi_jax.storage`: ``out_dir`` may be a ``gs://`` URI); returns their paths."""
+    storage.makedirs(out_dir)
     date = date or time.strftime("%Y%m%d_%H%M%S")
     samples, paths = {}, []
     for r in results:
         name = task_name(r)
         samples[name] = sample_lines(r)
-        path = os.path.join(out_dir, f"{date}_samples_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.jsonl")
-        _write(path, "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in samples[name]))
+        path = storage.join(out_dir, f"{date}_samples_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.jsonl")
+        storage.write_text(path, "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in samples[name]))
         paths.append(path)
     doc = results_document(results, model_name=model_name, date=date, start_time=start_time, samples=samples)
-    path = os.path.join(out_dir, f"{date}_results.json")
-    _write(path, json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+    path = storage.join(out_dir, f"{date}_results.json")
+    storage.write_text(path, json.dumps(doc, indent=2, ensure_ascii=False, default=str))
     return [path] + paths

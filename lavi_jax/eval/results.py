@@ -9,8 +9,9 @@ A result is the dict :meth:`lavi_jax.eval.Runner.run` returns: ``task``,
 
 from __future__ import annotations
 
-import json
 import os
+
+from lavi_jax import storage
 
 HEADLINE = ("accuracy", "circular_accuracy", "f1", "perception", "cognition", "exact_match", "normalized_match")
 POINTS = ("perception", "cognition")  # MME scores, in the benchmark's points rather than fractions
@@ -40,14 +41,13 @@ def flat_scalars(results: list[dict]) -> dict[str, float]:
 
 
 def result_path(out_dir: str, task: str) -> str:
-    return os.path.join(out_dir, task.replace("/", "_").replace(os.sep, "_") + ".json")
+    return storage.join(out_dir, task.replace("/", "_").replace(os.sep, "_") + ".json")
 
 
 def write_result(result: dict, out_dir: str) -> str:
-    """Writes ``<out_dir>/<task>.json`` atomically (a temporary file, then a rename); returns its path."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Writes ``<out_dir>/<task>.json`` whole (``out_dir`` local or a URI; on local disk a file renamed into
+    place, so a reader never sees half of it); returns its path."""
+    storage.makedirs(out_dir)
     path = result_path(out_dir, result["task"])
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, ensure_ascii=False, default=str)
-    os.replace(path + ".tmp", path)
+    storage.write_json(path, result, indent=1, ensure_ascii=False, default=str)
     return path

@@ -15,10 +15,11 @@ left-padded to a length bucket) and the ``Generator`` (greedy, compiled once per
 bucket) decodes them. Outputs and failure reasons are gathered on every
 process; process 0 writes ``<out>/<task>.json`` and draws the progress bar.
 
-With an output folder, process 0 also logs every batch's predictions to
-``<out>/<task>.predictions.jsonl`` as it goes, and a rerun of the same task,
-checkpoint and config skips the samples logged there (``resume``), so a
-preempted run resumes and scores as an uninterrupted one.
+With an output folder (a local path or a ``gs://`` URI), process 0 also logs
+every batch's predictions as it goes, one part file per batch in
+``<out>/<task>.predictions/``, and a rerun of the same task, checkpoint and
+config skips the samples logged there (``resume``), so a preempted run resumes
+and scores as an uninterrupted one.
 
 Any global batch works on any mesh: it is rounded up to a multiple of the
 mesh's batch shards (``data`` x ``fsdp``), and rows past the last sample of a
@@ -45,7 +46,7 @@ from lavi_jax import sharding
 from lavi_jax.data.batch import BatchSpec, bucket_length
 from lavi_jax.data.media import VIDEO, MediaLoader, media_items
 import lavi_jax.eval.scorers as scorers
-from lavi_jax.eval.resume import PredictionLog, config_hash, log_path, run_header
+from lavi_jax.eval.resume import PredictionLog, config_hash, log_dir, run_header
 from lavi_jax.eval.results import write_result
 from lavi_jax.eval.tasks import Task
 from lavi_jax.generate import DEFAULT_BUCKETS, Generator
@@ -135,7 +136,7 @@ class Runner:
         ev = scorers.get(task.name, **task.options)
         samples = ev.load(task.questions, task.annotations, image_root=task.image_root, limit=task.limit)
         failures: dict[str, str] = {}
-        log = PredictionLog(log_path(out_dir, task.label), run_header(task, checkpoint, self.config_hash())) \
+        log = PredictionLog(log_dir(out_dir, task.label), run_header(task, checkpoint, self.config_hash())) \
             if out_dir else None
         done = log.open() if log else {}
         predictions: dict[str, str] = {}

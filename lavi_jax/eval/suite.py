@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
 import jax
 
+from lavi_jax import storage
 from lavi_jax.eval.harness import write_lmms_eval
 from lavi_jax.eval.results import flat_scalars, summary_table
 from lavi_jax.eval.runner import Runner
@@ -48,7 +48,7 @@ def training_evals(config, model, mesh, tokenizer, processor,
     tasks, runner = tasks_from_config(config), make_runner(config, model, mesh, tokenizer, processor)
 
     def evaluate(params, step: int) -> dict[str, float]:
-        out = os.path.join(workdir, "results", f"step_{step}")
+        out = storage.join(workdir, "results", f"step_{step}")
         # No checkpoint identity: params in training are not a saved step, so a rerun never resumes them.
         return flat_scalars(run_tasks(runner, params, tasks, out, print_summary=False))
 

@@ -32,7 +32,6 @@ time estimate (``optimal_seconds``) is kept only for a program without loops.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lavi_jax import sharding
+from lavi_jax import sharding, storage
 from lavi_jax.data.batch import BatchSpec
 from lavi_jax.generate import Generator
 from lavi_jax.models.lavi import LaVi
@@ -285,10 +284,7 @@ def dry_run(config, mesh=None, *, topology: str | None = None, programs=None, re
     if jax.process_index() == 0:
         print(format_report(report))
         if report_path:
-            os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-            with open(report_path, "w") as f:
-                json.dump(report, f, indent=1)
-                f.write("\n")
+            storage.write_text(report_path, json.dumps(report, indent=1) + "\n")  # local or a URI, written whole
             print(f"  report: {report_path}")
     return report
 
