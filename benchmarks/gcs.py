@@ -10,6 +10,7 @@ server.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import os
@@ -31,6 +32,24 @@ def free_port() -> int:
 
 def environment(url: str) -> dict[str, str]:
     return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+@contextlib.contextmanager
+def serving():
+    """An ``Emulator`` with this process's storage clients pointed at it (``environment``); on exit the
+    variables are restored and the server stopped."""
+    server = Emulator()
+    saved = {k: os.environ.get(k) for k in environment(server.url)}
+    os.environ.update(environment(server.url))
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
 
 
 class Emulator:

@@ -160,13 +160,10 @@ def quiet_client_logs() -> None:
 
 
 def run(images: int, batch: int, batches: int, threads: int, reps: int) -> dict:
-    from benchmarks.gcs import Emulator, environment
+    from benchmarks.gcs import serving
 
     quiet_client_logs()
-    server = Emulator()
-    saved = {k: os.environ.get(k) for k in environment(server.url)}
-    os.environ.update(environment(server.url))
-    try:
+    with serving() as server:
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "data")
             total = write_dataset(local, images)
@@ -184,13 +181,6 @@ def run(images: int, batch: int, batches: int, threads: int, reps: int) -> dict:
             timed = common.interleaved({"local": pipeline_rate(local, threads, batch, batches, retries),
                                         "gs": pipeline_rate(remote, threads, batch, batches, retries)},
                                        reps=reps, warmup=1)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
     return {
         "settings": {"images": images, "image_px": IMAGE_SIZE, "mean_image_kb": round(total / images / 1024, 1),
                      "batch": batch, "batches": batches, "num_threads": threads, "reps": reps,

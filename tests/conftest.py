@@ -27,20 +27,10 @@ def gcs():
     """A GCS-compatible server on 127.0.0.1 for the session (benchmarks.gcs.Emulator), with gcsfs, google-cloud-storage
     and tensorstore pointed at it through STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL (subprocesses inherit
     them); stopped, and the variables restored, at the end."""
-    from benchmarks.gcs import Emulator, environment
+    from benchmarks.gcs import serving
 
-    server = Emulator()
-    saved = {k: os.environ.get(k) for k in environment(server.url)}
-    os.environ.update(environment(server.url))
-    try:
+    with serving() as server:
         yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from lavi_jax import storage
 from lavi_jax.data.bad_records import BadRecord
 from lavi_jax.data.media import inside_root
 from lavi_jax.eval import scorers
+from tests.test_data import _write_mp4
 
 
 def _upload(local_root, uri_root):
@@ -30,16 +31,6 @@ def _conv(question, answer):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
-def _write_mp4(path, num_frames, size=(32, 24)):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"qp": "0"}
-        for i in range(num_frames):
-            pixels = np.full((size[1], size[0], 3), 10 * i + 20, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
 
 
 def _llava_dataset(root):
@@ -54,7 +45,7 @@ def _llava_dataset(root):
         name = f"img/{i}.{'png' if i % 2 else 'jpg'}"
         Image.fromarray(pixels).save(os.path.join(root, name))
         records.append({"id": f"r{i}", "image": name, "conversations": _conv(f"<image> q{i}?", f"a{i}")})
-    _write_mp4(os.path.join(root, "clip.mp4"), num_frames=9)
+    _write_mp4(os.path.join(root, "clip.mp4"), num_frames=9, size=(32, 24))
     for i in range(5):
         Image.new("RGB", (16, 12), (i * 40, 10, 200)).save(os.path.join(root, "frames", f"frame_{i + 1}.png"))
     records += [

@@ -13,7 +13,7 @@ from lavi_jax.data import make_components
 from lavi_jax.demo.synthetic import write_synthetic_vqa
 from lavi_jax.eval import resume
 
-from tests.test_eval import random_params, strip, tiny_config
+from tests.test_eval import Preempted, counting_generate, random_params, strip, tiny_config
 
 BATCH = 2
 NUM = 6  # llava_json samples: 3 batches of 2
@@ -52,23 +52,6 @@ def logged(log: str) -> list[dict]:
     return [json.loads(x) for n in parts(log) for x in storage.read_text(storage.join(log, n)).splitlines()]
 
 
-class Preempted(Exception):
-    pass
-
-
-def counting_generate(monkeypatch, stop_after=None):
-    """Patches Runner._generate to count generated rows per call, raising ``Preempted`` after ``stop_after`` calls."""
-    calls = []
-    original = lavi_eval.Runner._generate
-
-    def generate(self, params, gen, prompts, *args):
-        if stop_after is not None and len(calls) == stop_after:
-            raise Preempted
-        calls.append(len(prompts))
-        return original(self, params, gen, prompts, *args)
-
-    monkeypatch.setattr(lavi_eval.Runner, "_generate", generate)
-    return calls
 
 
 def test_results_and_harness_files_in_the_bucket(small, bucket):
