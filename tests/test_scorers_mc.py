@@ -2,8 +2,10 @@
 
 Each test scores the same model outputs with lmms-eval's functions (imported, fed the `doc`
 dicts they expect) and with lavi_jax's evaluators, and requires the same per-item scores.
-MMBench: `MMBench_Evaluator.eval_result` runs whole, with only its GPT fallback
-(`extract_answer_from_item`, which calls the OpenAI API) replaced by "no match".
+MMBench: `MMBench_Evaluator.eval_result` runs whole, with `eval_method="static"` (lmms-eval's
+scoring without a GPT key, our default) and, for the kept "mmbench_can_infer" option, with
+`eval_method="openai"` and only its GPT fallback (`extract_answer_from_item`, which calls the
+OpenAI API) replaced by "no match".
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from lavi_jax.eval.scorers import mc_lmms_eval
 
 import lmms_eval.tasks.mmbench.mmbench_evals as mmbench_evals
 import lmms_eval.tasks.mmbench.en_utils as en_utils
+import lmms_eval.tasks.mmbench.cn_utils as cn_utils
 import lmms_eval.tasks.seedbench.utils as seed_ref
 import lmms_eval.tasks.scienceqa.utils as sqa_ref
 import lmms_eval.tasks.mvbench.utils as mv_ref
@@ -74,6 +77,19 @@ def offline_mmbench(monkeypatch):
     return en_utils.mmbench_evaluator
 
 
+@pytest.fixture
+def static_mmbench(monkeypatch):
+    """lmms-eval's evaluators as run by eval_method="static" (the GPT step must not be reached)."""
+    def no_gpt(self, item):
+        raise AssertionError("static MMBench reached the GPT step")
+    monkeypatch.setattr(mmbench_evals.MMBench_Evaluator, "extract_answer_from_item", no_gpt)
+    return {"mmbench": (en_utils, en_utils.mmbench_evaluator),
+            "mmbench_cn": (cn_utils, cn_utils.mmbench_evaluator)}
+
+
+CAN_INFER = "mmbench_can_infer"  # the kept option: can_infer alone, else no match
+
+
 def mmb_doc(index, answer, options=OPTS, category="attr"):
     doc = {"index": index, "question": "What color is it?", "answer": answer, "hint": None,
            "source": "s", "split": "dev", "category": category, "L2-category": "p"}
@@ -87,46 +103,168 @@ def mmb_row(doc):
             **{c: doc[c] for c in "ABCD" if doc[c] is not None}}
 
 
+def mmb_rotations(answer, options=OPTS, base=0):
+    """A main question and its circular copies: options rotated, index + k * 1,000,000."""
+    n = len(options)
+    return [mmb_doc(base + k * 1_000_000, "ABCD"[("ABCD".index(answer) - k) % n],
+                    options[k:] + options[:k]) for k in range(n)]
+
+
+def mmb_static_ref(utils, evaluator, docs, outputs):
+    recs = [utils.mmbench_process_results(d, [o])["gpt_eval_score"]
+            for d, o in zip(docs, outputs)]
+    return evaluator.eval_result(recs, eval_method="static")
+
+
+def mmb_ours(name, docs, outputs, **kw):
+    ev = scorers.get(name, **kw)
+    samples = ev.load([mmb_row(d) for d in docs])
+    return ev, ev.score(samples, {s["id"]: o for s, o in zip(samples, outputs)})
+
+
+# -- the default: lmms-eval's static mode
+
+
+@pytest.mark.parametrize("name", ["mmbench", "mmbench_cn"])
 @pytest.mark.parametrize("output, answer", CASES, ids=IDS)
-def test_mmbench_item(offline_mmbench, output, answer):
+def test_mmbench_item_static(static_mmbench, name, output, answer):
+    doc = mmb_doc(0, answer)
+    ref, _, _ = mmb_static_ref(*static_mmbench[name], [doc], [output])
+    ev, result = mmb_ours(name, [doc], [output])
+    assert ev.convention == "lmms-eval 0.7.3 mmbench_static"
+    assert float(result["per_sample"][0]["correct"]) == ref
+    assert result["metrics"]["circular_accuracy"] == ref
+
+
+@pytest.mark.parametrize("letter", list("ABCD"))
+def test_mmbench_static_circular_stated_letters(static_mmbench, letter):
+    # "The answer is A": can_infer refuses the lone "A" (a possible article); the static
+    # fallback (extract_mcq_answer) reads it, so the whole group is right.
+    docs = mmb_rotations(letter)
+    outputs = [f"The answer is {d['answer']}" for d in docs]
+    ref, _, _ = mmb_static_ref(*static_mmbench["mmbench"], docs, outputs)
+    _, result = mmb_ours("mmbench", docs, outputs)
+    assert ref == 1.0
+    assert result["metrics"]["circular_accuracy"] == ref
+    assert result["metrics"]["num_groups"] == 1
+    _, old = mmb_ours("mmbench", docs, outputs, convention=CAN_INFER)
+    assert old["metrics"]["circular_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("outputs", [
+    ["blue", "blue", "blue", "blue"],                    # option text only
+    ["It is blue.", "blue", "Blue", "the blue one"],
+    ["dark red", "The answer is A", "(C)", "blue"],      # wrong text in a copy
+    ["B", "The answer is A", "I don't know.", "B"],      # one copy matches nothing
+    ["I don't know.", "None", "", "???"],                # nothing readable anywhere
+    ["B", "A", "D", "C"],
+    ["The answer is A", "The answer is A", "The answer is A", "The answer is A"],
+    ["A cat", "A", "A bird flies over a red roof", "C"],
+])
+def test_mmbench_static_circular_groups(static_mmbench, outputs):
+    docs = mmb_rotations("B")
+    for name in ("mmbench", "mmbench_cn"):
+        ref, _, _ = mmb_static_ref(*static_mmbench[name], docs, outputs)
+        _, result = mmb_ours(name, docs, outputs)
+        assert result["metrics"]["circular_accuracy"] == ref, name
+
+
+CN_OPTS = ["红色", "蓝色", "绿色", "深红色"]
+CN_OUTPUTS = ["答案是B", "答案是 B", "答案为B。", "选B", "我选B", "B。", "答案：B", "（B）", "Ｂ", "蓝色",
+              "是蓝色的", "蓝色。", "红色", "深红色", "答案是A", "选A", "A。", "我不知道", "都不是", "",
+              "因为天空是蓝色的，所以选B", "B项", "选项B", "答案是蓝色"]
+
+
+@pytest.mark.parametrize("answer", ["A", "B"])
+@pytest.mark.parametrize("output", CN_OUTPUTS)
+def test_mmbench_cn_static_chinese_answers(static_mmbench, output, answer):
+    doc = mmb_doc(0, answer, options=CN_OPTS)
+    doc["question"] = "它是什么颜色？"
+    ref, _, _ = mmb_static_ref(*static_mmbench["mmbench_cn"], [doc], [output])
+    ev, result = mmb_ours("mmbench_cn", [doc], [output])
+    assert ev.convention == "lmms-eval 0.7.3 mmbench_static"
+    assert float(result["per_sample"][0]["correct"]) == ref
+
+
+def test_mmbench_cn_static_circular_chinese(static_mmbench):
+    docs = mmb_rotations("B", options=CN_OPTS)
+    for outputs in (["答案是B", "答案是A", "选D", "答案为C"], ["蓝色"] * 4,
+                    ["答案是B", "答案是A", "我不知道", "答案为C"]):
+        ref, _, _ = mmb_static_ref(*static_mmbench["mmbench_cn"], docs, outputs)
+        _, result = mmb_ours("mmbench_cn", docs, outputs)
+        assert result["metrics"]["circular_accuracy"] == ref
+
+
+@pytest.mark.parametrize("output", ["C", "c", "(C)", "green", "It is green", "C. green",
+                                    "The answer is C", "The answer is D", "D", "I pick D"])
+def test_mmbench_static_three_options(static_mmbench, output):
+    # the fallback reads only the letters of the options (A-C here)
+    doc = mmb_doc(3, "C", options=["red", "blue", "green"])
+    ref, _, _ = mmb_static_ref(*static_mmbench["mmbench"], [doc], [output])
+    _, result = mmb_ours("mmbench", [doc], [output])
+    assert float(result["per_sample"][0]["correct"]) == ref
+
+
+# -- the kept option: can_infer alone ("openai" with the GPT step answering no match)
+
+
+@pytest.mark.parametrize("output, answer", CASES, ids=IDS)
+def test_mmbench_item_can_infer(offline_mmbench, output, answer):
     doc = mmb_doc(0, answer)
     rec = en_utils.mmbench_process_results(doc, [output])["gpt_eval_score"]
     ref, _, _ = offline_mmbench.eval_result([rec], eval_method="openai")
-    ev, result = ours("mmbench", [mmb_row(doc)], output)
-    assert ev.convention == "lmms-eval 0.7.3 mmbench"
+    ev, result = ours("mmbench", [mmb_row(doc)], output, convention=CAN_INFER)
+    assert ev.convention == "lmms-eval 0.7.3 mmbench_can_infer"
     assert float(result["per_sample"][0]["correct"]) == ref
     assert result["metrics"]["circular_accuracy"] == ref
 
 
 @pytest.mark.parametrize("output", ["C", "c", "(C)", "green", "It is green", "C. green"])
-def test_mmbench_three_options(offline_mmbench, output):
+def test_mmbench_three_options_can_infer(offline_mmbench, output):
     doc = mmb_doc(3, "C", options=["red", "blue", "green"])
     rec = en_utils.mmbench_process_results(doc, [output])["gpt_eval_score"]
     ref, _, _ = offline_mmbench.eval_result([rec], eval_method="openai")
-    _, result = ours("mmbench", [mmb_row(doc)], output)
+    _, result = ours("mmbench", [mmb_row(doc)], output, convention=CAN_INFER)
     assert float(result["per_sample"][0]["correct"]) == ref
 
 
-def test_mmbench_circular(offline_mmbench):
+CIRCULAR_DOCS = [mmb_doc(0, "B"), mmb_doc(1_000_000, "A", OPTS[1:] + OPTS[:1]),
+                 mmb_doc(2_000_000, "D", OPTS[2:] + OPTS[:2]),
+                 mmb_doc(1, "C", category="obj"),
+                 mmb_doc(1_000_001, "B", OPTS[1:] + OPTS[:1], "obj"),
+                 mmb_doc(2, "A", category="obj"),
+                 mmb_doc(1_000_002, "D", OPTS[1:] + OPTS[:1], "obj"),
+                 mmb_doc(1_000_007, "A")]
+CIRCULAR_OUTPUTS = ["B", "The answer is A", "blue", "green", "(B)", "A dog sat on it",
+                    "dark red", "A"]
+
+
+@pytest.mark.parametrize("method", ["static", "openai"])
+def test_mmbench_circular(offline_mmbench, method):
     # question 0 and its copies 1000000, 2000000; question 1 and one copy; an orphan copy.
-    docs = [mmb_doc(0, "B"), mmb_doc(1_000_000, "A", OPTS[1:] + OPTS[:1]),
-            mmb_doc(2_000_000, "D", OPTS[2:] + OPTS[:2]),
-            mmb_doc(1, "C", category="obj"), mmb_doc(1_000_001, "B", OPTS[1:] + OPTS[:1], "obj"),
-            mmb_doc(2, "A", category="obj"), mmb_doc(1_000_002, "D", OPTS[1:] + OPTS[:1], "obj"),
-            mmb_doc(1_000_007, "A")]
-    outputs = ["B", "The answer is A", "blue", "green", "(B)", "A dog sat on it", "dark red", "A"]
+    # (The offline fixture's stand-in GPT step is never reached by "static".)
     recs = [en_utils.mmbench_process_results(d, [o])["gpt_eval_score"]
-            for d, o in zip(docs, outputs)]
-    overall, by_cat, by_l2 = offline_mmbench.eval_result(recs, eval_method="openai")
-    ev = scorers.get("mmbench")
-    samples = ev.load([mmb_row(d) for d in docs])
-    result = ev.score(samples, {s["id"]: o for s, o in zip(samples, outputs)})
+            for d, o in zip(CIRCULAR_DOCS, CIRCULAR_OUTPUTS)]
+    overall, by_cat, by_l2 = offline_mmbench.eval_result(recs, eval_method=method)
+    kw = {} if method == "static" else {"convention": CAN_INFER}
+    _, result = mmb_ours("mmbench", CIRCULAR_DOCS, CIRCULAR_OUTPUTS, **kw)
     m = result["metrics"]
     assert m["circular_accuracy"] == pytest.approx(overall)
     assert m["circular_by_category"] == pytest.approx(by_cat)
     assert m["circular_by_l2_category"] == pytest.approx(by_l2)
     assert m["num_groups"] == 3
     assert [s["id"] for s in m["skipped"]] == ["1000007"]
+
+
+def test_mmbench_conventions_named():
+    for name in ("mmbench", "mmbench_cn"):
+        assert scorers.get(name).convention == "lmms-eval 0.7.3 mmbench_static"
+        for alias in ("mmbench", "lmms-eval 0.7.3 mmbench", "mmbench_static"):
+            assert scorers.get(name, convention=alias).convention == \
+                "lmms-eval 0.7.3 mmbench_static"
+        for old in (CAN_INFER, "lmms-eval 0.7.3 " + CAN_INFER):
+            assert scorers.get(name, convention=old).convention == \
+                "lmms-eval 0.7.3 mmbench_can_infer"
 
 
 # ============================================================================ SEED-Bench

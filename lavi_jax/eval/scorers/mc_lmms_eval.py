@@ -5,8 +5,17 @@ Each rule is `rule(text, options, answer) -> (extracted, correct)`: `text` is th
 letter the rule read (None when it read none) and `correct` the rule's 0/1 verdict. Written from
 lmms-eval 0.7.3's task code (`lmms_eval/tasks/<task>/utils.py`):
 
-  mmbench     `mmbench_evals.MMBench_Evaluator.can_infer` (the letter, then the option text);
-              circular grouping is done by the evaluator.
+  mmbench_static
+              `mmbench_evals.MMBench_Evaluator.eval_sub_data` with `static_only=True`, as run by
+              `eval_result(..., eval_method="static")` (lmms-eval's MMBench scoring without a GPT
+              key, task mmbench_en_dev_static): `can_infer` (a lone or wrapped letter A-E, else
+              the one option text inside the answer), and where that reads nothing,
+              `extract_mcq_answer` over the row's option letters (A-D). Alias "mmbench".
+  mmbench_can_infer
+              `can_infer` alone; what it cannot read is no match (`eval_method="openai"` with the
+              GPT step answering nothing). Not a default.
+              For both, circular grouping is done by the evaluator: `eval_sub_data` scores a group
+              1 exactly when every row's letter, read as above, is that row's answer.
   seed_bench  `seedbench.utils.seed_process_result` + `seed_aggregation_result`: the first
               character of the stripped output, compared case-insensitively.
   scienceqa   `scienceqa.utils.sqa_process_results`: the whole output equals the letter
@@ -58,9 +67,19 @@ def mmbench_text(prediction: str, options: Sequence[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def mmbench(text, options, answer):
+def mmbench_can_infer(text, options, answer):
     prediction = str(text).strip()  # mmbench_process_results strips the response
     got = mmbench_letter(prediction) or mmbench_text(prediction, options)
+    return got, got is not None and got == answer
+
+
+def mmbench_static(text, options, answer):
+    """`can_infer`, else `extract_mcq_answer` over the letters of the options (A-D at most)."""
+    got, _ = mmbench_can_infer(text, options, answer)
+    if got is None:
+        # The reference passes the sorted keys of `build_choices` (its options among A-D).
+        got = mcq_extract(str(text), tuple(LETTERS[:min(len(options), 4)]) or tuple("ABCDEFGH"))
+        got = got or None
     return got, got is not None and got == answer
 
 
@@ -193,5 +212,8 @@ def mcq_generic(text, options, answer):
     return got or None, bool(got) and got == answer
 
 
-RULES: dict[str, Rule] = {"mmbench": mmbench, "seed_bench": seed_bench, "scienceqa": scienceqa,
-                          "mvbench": mvbench, "videomme": videomme, "mcq_extract": mcq_generic}
+RULES: dict[str, Rule] = {"mmbench_static": mmbench_static, "mmbench_can_infer": mmbench_can_infer,
+                          "seed_bench": seed_bench, "scienceqa": scienceqa, "mvbench": mvbench,
+                          "videomme": videomme, "mcq_extract": mcq_generic}
+# Other names accepted for a rule: "mmbench" is the format's default, lmms-eval's static mode.
+ALIASES: dict[str, str] = {"mmbench": "mmbench_static"}

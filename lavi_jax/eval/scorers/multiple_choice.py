@@ -5,13 +5,20 @@ benchmark; `convention="lenient"` swaps in the permissive extractor of `mc_lenie
 Files are read by `mc_loaders` (one loader per `format`).
 
 Where lmms-eval departs from the benchmarks' own scripts, lmms-eval is followed:
-  MMBench     only the rule-based matching of `mmbench_evals.py` (`can_infer`: a lone or wrapped
-              letter A-E, else the one option text inside the answer). The GPT matching that
-              lmms-eval's `gpt_eval_score` falls back on (it needs the OpenAI API) is left out: an
-              answer the rules cannot read is wrong. Circular evaluation as `eval_result`: rows
-              whose `index` agrees modulo 1,000,000 (or LLaVA's rotations, `rotate=True`) form a
-              group, a question counts only if every row of its group is right, and groups are
-              those of the main rows (index < 1,000,000); copies without a main row are skipped.
+  MMBench     lmms-eval's scoring without a GPT key, `eval_result(..., eval_method="static")`
+              (task mmbench_en_dev_static; convention "lmms-eval 0.7.3 mmbench_static", the
+              default for mmbench and mmbench_cn): the rule-based `can_infer` of
+              `mmbench_evals.py` (a lone or wrapped letter A-E, a lone "A" in an answer of more
+              than three words excepted as a possible article, else the one option text inside
+              the answer), and where that reads nothing, `extract_mcq_answer` over the option
+              letters (so "The answer is A" reads as A). The GPT matching of lmms-eval's default
+              `eval_method="openai"` (it needs the OpenAI API) is left out. Kept as an option,
+              `convention="mmbench_can_infer"`: `can_infer` alone, an answer it cannot read being
+              wrong (the "openai" path with GPT answering nothing). Circular evaluation as
+              `eval_result`: rows whose `index` agrees modulo 1,000,000 (or LLaVA's rotations,
+              `rotate=True`) form a group, a question counts only if every row of its group is
+              right, and groups are those of the main rows (index < 1,000,000); copies without a
+              main row are skipped.
   SEED-Bench  the official benchmark ranks the options by likelihood; lmms-eval generates and
               compares the first character of the output with the answer, ignoring case.
   ScienceQA   LLaVA's `eval_science_qa.py` takes an upper-case letter, "X. ..." or one
@@ -45,8 +52,9 @@ from lavi_jax.eval.scorers.mc_loaders import (LOADERS, answer_letter, build_prom
 log = logging.getLogger(__name__)
 
 LMMS_EVAL = "lmms-eval 0.7.3"
-DEFAULT_RULE = {"generic": "mcq_extract", "mmbench": "mmbench", "seed_bench": "seed_bench",
-                "scienceqa": "scienceqa", "mvbench": "mvbench", "videomme": "videomme"}
+DEFAULT_RULE = {"generic": "mcq_extract", "mmbench": "mmbench_static",
+                "seed_bench": "seed_bench", "scienceqa": "scienceqa", "mvbench": "mvbench",
+                "videomme": "videomme"}
 
 __all__ = ["DEFAULT_RULE", "LETTERS", "MultipleChoiceEvaluator", "answer_letter", "build_prompt",
            "extract_choice", "options_from_text", "record_options"]
@@ -56,7 +64,8 @@ class MultipleChoiceEvaluator(common.Evaluator):
     """Option-letter accuracy, optional circular grouping and per-key breakdowns.
 
     `convention`: None for the format's lmms-eval rule, a rule name of `mc_lmms_eval.RULES`
-    (or "lmms-eval 0.7.3 <rule>"), or "lenient".
+    or `mc_lmms_eval.ALIASES` (or "lmms-eval 0.7.3 <rule>"), or "lenient"; `self.convention`
+    names the rule actually followed (an alias resolved).
     """
 
     def __init__(self, name: str = "multiple_choice", format: str = "generic",
@@ -72,6 +81,7 @@ class MultipleChoiceEvaluator(common.Evaluator):
         rule = DEFAULT_RULE[format] if convention is None else convention
         if rule.startswith(LMMS_EVAL + " "):
             rule = rule[len(LMMS_EVAL) + 1:]
+        rule = mc_lmms_eval.ALIASES.get(rule, rule)
         if rule != "lenient" and rule not in mc_lmms_eval.RULES:
             raise ValueError(f"unknown convention {convention!r}; known: lenient, "
                              + ", ".join(mc_lmms_eval.RULES))
