@@ -87,33 +87,36 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
 
     last_log, tokens, pending, final = time.time(), 0.0, None, {}
     end = c.num_steps if stop_at is None else min(stop_at, c.num_steps)
-    with sharding.use_mesh(mesh):
-        for step in range(start, end):
-            local = next(train_iter)
-            tokens += float(local["attention_mask"].sum()) * jax.process_count()
-            state, metrics = step_fn(state, sharding.to_global({k: local[k] for k in shapes}, mesh))
-            if pending is not None:  # read the previous step's flag now, keeping one step in flight
+    try:
+        with sharding.use_mesh(mesh):
+            for step in range(start, end):
+                local = next(train_iter)
+                tokens += float(local["attention_mask"].sum()) * jax.process_count()
+                state, metrics = step_fn(state, sharding.to_global({k: local[k] for k in shapes}, mesh))
+                if pending is not None:  # read the previous step's flag now, keeping one step in flight
+                    _check_finite(pending, c.max_nonfinite, writer)
+                pending = (step + 1, metrics["finite"], metrics["nonfinite"])  # state buffers are donated
+                writer.advance()
+                done = step + 1
+                if done % c.log_every == 0 or done == c.num_steps:
+                    m = jax.device_get(metrics)
+                    now = time.time()
+                    final = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+                             "grad_norm": float(m["grad_norm"]), "tokens_per_second": tokens / max(now - last_log, 1e-9),
+                             "bad_records": int(train_iter.bad_records.count)}
+                    writer.write(done, final)
+                    last_log, tokens = now, 0.0
+                if done % c.checkpoint_every == 0 or done == end:
+                    save(done)
+                if config.evals.every and done % config.evals.every == 0 and done != c.num_steps:
+                    if config.data.eval_json:
+                        writer.write(done, exact_match(state.params))
+                    if benchmarks:
+                        writer.write(done, benchmarks(state.params, done))
+            if pending is not None:
                 _check_finite(pending, c.max_nonfinite, writer)
-            pending = (step + 1, metrics["finite"], metrics["nonfinite"])  # state buffers are donated
-            writer.advance()
-            done = step + 1
-            if done % c.log_every == 0 or done == c.num_steps:
-                m = jax.device_get(metrics)
-                now = time.time()
-                final = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
-                         "grad_norm": float(m["grad_norm"]), "tokens_per_second": tokens / max(now - last_log, 1e-9),
-                         "bad_records": int(train_iter.bad_records.count)}
-                writer.write(done, final)
-                last_log, tokens = now, 0.0
-            if done % c.checkpoint_every == 0 or done == end:
-                save(done)
-            if config.evals.every and done % config.evals.every == 0 and done != c.num_steps:
-                if config.data.eval_json:
-                    writer.write(done, exact_match(state.params))
-                if benchmarks:
-                    writer.write(done, benchmarks(state.params, done))
-        if pending is not None:
-            _check_finite(pending, c.max_nonfinite, writer)
+    finally:
+        writer.flush()  # what was logged reaches the workdir even when the run stops with an error
     ckpt.wait_until_finished()
     if end == c.num_steps:
         if config.data.eval_json and config.evals.exact_match:
