@@ -18,6 +18,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -59,8 +60,11 @@ class Emulator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_server.py")
-        self.proc = subprocess.Popen([sys.executable, server, "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr to a file, never a pipe: nobody drains a pipe, and a full one blocks the server's next write
+        # (it prints a traceback for every connection a client drops).
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, server, "start", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--in-memory", "-q"], stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -68,7 +72,8 @@ class Emulator:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"storage emulator exited: {self.proc.stderr.read().decode()[-2000:]}")
+                    self.log.seek(0)
+                    raise RuntimeError(f"storage emulator exited: {self.log.read().decode()[-2000:]}")
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError("storage emulator did not answer within 30 s")
@@ -86,6 +91,7 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
 
 
 class FaultyProxy:
