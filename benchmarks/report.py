@@ -68,6 +68,10 @@ def rows(r: dict) -> list[tuple[str, ...]]:
                         f"JAX/PT {s['ratio']:.2f}", "JAX/PT < 1"))
     if "tpu" in r:
         out += tpu_rows(r["tpu"])
+    if "gpu_compile" in r:
+        from benchmarks import gpu_compile  # the GPU compiler's rows, kept beside the benchmark that makes them
+
+        out += gpu_compile.rows(r["gpu_compile"])
     if "train" in r:
         t = r["train"]
         what = (f"{t['fusion']}, {t['params'] / 1e6:.0f}M params, B={t['batch']} T={t['seq']}"
@@ -425,7 +429,8 @@ def write_markdown(directory: str, path: str) -> str:
         where = (f"{m['device']}" if m["platform"] == "gpu" else
                  f"{m['cpu']}, {r.get('threads')} of {m['cores']} cores, {m['memory_gib']} GiB")
         versions = ", ".join(f"{k} {m[k]}" for k in ("jax", "flax", "torch", "transformers") if k in m)
-        title = f"TPU compiler (AOT, no TPU needed): `{r['name']}`" if "tpu" in r else f"`{r['name']}`"
+        title = (f"TPU compiler (AOT, no TPU needed): `{r['name']}`" if "tpu" in r else
+                 f"GPU compiler (AOT, no GPU needed): `{r['name']}`" if "gpu_compile" in r else f"`{r['name']}`")
         parts.append(f"## {title}\n\n- Date: {r['date']}\n- Machine: {where}; {versions}\n"
                      f"- Command: `{r['command']}` ({r['elapsed_s'] / 60:.1f} min; load average "
                      f"{r['load_average'][0]} at start, {r['load_average'][1]} at end)\n")

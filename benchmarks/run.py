@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--quick] [--gpu] [--threads 2] [--name NAME] [--sections flops,latency,vs_torch,train]
     python benchmarks/run.py --sections tpu     # the TPU compiler's view (needs libtpu, no TPU; ~1 h on 2 cores)
+    python benchmarks/run.py --sections gpu_compile  # the GPU compiler's view (needs jax[cuda12], no GPU; ~30 min)
 
 Sections (CPU run; ``--gpu`` runs only the GPU sections):
 
@@ -18,7 +19,10 @@ Sections (CPU run; ``--gpu`` runs only the GPU sections):
    ``--quick``: the pipeline and Qwen2-7B's FLOPs only);
 5. ``--gpu``: MFU of a Qwen2-0.5B-shaped train step and LaVi vs concat latency at 7B geometry in bf16;
 6. ``--sections tpu`` (not in the default run): LaVi vs concat at 7B compiled for TPU v5e / v5p slices
-   (``benchmarks/tpu.py``): per-chip memory, FLOPs, step-time bounds, the largest batch, generation.
+   (``benchmarks/tpu.py``): per-chip memory, FLOPs, step-time bounds, the largest batch, generation;
+7. ``--sections gpu_compile`` (not in the default run): the same at 7B compiled by XLA's GPU compiler for H100 hosts
+   (1x1x8, 1x2x8; ``benchmarks/gpu_compile.py``): per-GPU memory, the largest stage-2 batch, cuDNN vs XLA attention.
+   ``--gpu`` compares the deviceless compile's prediction with what it measures on the GPU.
 
 Prints one table, writes ``benchmarks/results/<name>.json`` and ``<name>.png`` and rebuilds
 ``BENCHMARKS.md`` from every result file of this suite. ``--quick`` reads the FLOPs from the lowered
@@ -37,7 +41,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CPU_SECTIONS = ("flops", "latency", "vs_torch", "train", "packing", "hd")
-EXTRA_SECTIONS = ("tpu",)  # run only when named
+EXTRA_SECTIONS = ("tpu", "gpu_compile")  # run only when named
 
 
 def parse_args(argv=None):
@@ -121,6 +125,11 @@ def run_cpu(args) -> dict:
 
         log("[tpu] 7B programs compiled for TPU slices (two processes side by side)")
         out["tpu"] = tpu.run(resume=args.resume)
+    if "gpu_compile" in sections:
+        from benchmarks import gpu_compile
+
+        log("[gpu_compile] 7B programs compiled for H100 hosts by XLA's GPU compiler (no GPU)")
+        out["gpu_compile"] = gpu_compile.run(resume=args.resume)
     if not set(sections) & set(CPU_SECTIONS):
         return out
     import torch
@@ -191,17 +200,29 @@ def run_gpu(args) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     quick = args.quick
     out = {}
-    log("[1/2] MFU of a Qwen2-0.5B-shaped train step (bf16 compute, f32 params, cuDNN attention)")
+    log("[1/3] MFU of a Qwen2-0.5B-shaped train step (bf16 compute, f32 params, cuDNN attention)")
     m = C.model(fusion="none", llm=C.llm(**common.QWEN2_05B), dtype="bfloat16", param_dtype="float32", attention="cudnn")
     out["train"] = train_efficiency.run(m, batch=GPU_TRAIN["batch"], seq=GPU_TRAIN["seq"], frames=0,
                                         reps=5 if quick else 10, matmul_n=GPU_TRAIN["matmul_n"],
                                         matmul_dtype=jnp.bfloat16, log=log)
-    log("[2/2] LaVi vs concat generation latency and memory at 7B geometry, bf16, cuDNN attention")
+    train_stats = dict(jax.devices()[0].memory_stats() or {})  # the allocator's peak after the train step (and matmul)
+    log("[2/3] LaVi vs concat generation latency and memory at 7B geometry, bf16, cuDNN attention")
     names = GPU_LATENCY[:2] if quick else GPU_LATENCY
     out["latency"] = latency.run(gpu_model_configs(), {k: common.SETTINGS[k] for k in names}, reps=3 if quick else 5,
                                  log=log)
     stats = jax.devices()[0].memory_stats() or {}
     out["device_memory_gib"] = round(stats.get("bytes_limit", 0) / 2**30, 1)
+    log("[3/3] the deviceless GPU compile's prediction for the train step of [1/3] vs what [1/3] measured")
+    try:
+        from benchmarks import gpu_compile
+
+        out["predicted_vs_measured"] = gpu_compile.predicted_vs_measured(
+            m, batch=GPU_TRAIN["batch"], seq=GPU_TRAIN["seq"], log=log,
+            measured={"step_s": out["train"]["step_s"], "peak_bytes_in_use": train_stats.get("peak_bytes_in_use"),
+                      "bytes_limit": train_stats.get("bytes_limit")})
+    except Exception as e:  # noqa: BLE001  (the GPU figures above are kept whatever happens here)
+        out["predicted_vs_measured"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        log(f"  failed: {out['predicted_vs_measured']['error']}")
     return out
 
 
@@ -217,8 +238,9 @@ def main(argv=None) -> int:
         return 2
     from benchmarks import report
 
-    only_tpu = not args.gpu and args.sections.replace(" ", "") == "tpu"
-    name = args.name or ("tpu" if only_tpu else ("gpu" if args.gpu else "cpu") + ("-quick" if args.quick else ""))
+    only = args.sections.replace(" ", "") if not args.gpu else ""
+    name = args.name or ({"tpu": "tpu", "gpu_compile": "gpu-compile"}.get(only)
+                         or ("gpu" if args.gpu else "cpu") + ("-quick" if args.quick else ""))
     command = "python benchmarks/run.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
     started = time.strftime("%Y-%m-%d %H:%M %Z")

@@ -31,7 +31,12 @@ kernel cannot serve the call):
   TPU-topology compile from a CPU host gets the real kernel).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` with the
   same dense mask, where cuDNN's constraints hold (GPU backend, bf16 / fp16
-  inputs, head_dim a multiple of 8 and at most 128); ``xla`` otherwise.
+  inputs, head_dim a multiple of 8 and at most 128, and, for a masked call, even
+  query and key lengths: JAX turns a dense mask into a bias, and cuDNN's fused
+  attention refuses to train with a bias at an odd length, e.g. the
+  conditioner's 729 visual keys); ``xla`` otherwise. The decoder (causal,
+  padding, packed segments, GQA) at an even length and the vision tower
+  (bidirectional, no mask, so any length) get the kernel.
 - ``auto``: ``splash`` on TPU, ``cudnn`` on GPU, ``xla`` elsewhere (the
   platform the program is compiled for).
 
@@ -129,14 +134,19 @@ def splash_block(length: int) -> int:
     return next(b for b in _SPLASH_BLOCKS if length % b == 0)
 
 
-def implementation_for(name: str, backend: str, q_shape, k_shape, dtype, aligned: bool) -> str:
-    """The implementation that serves one call, after the fallback rules in the module docstring."""
+def implementation_for(name: str, backend: str, q_shape, k_shape, dtype, aligned: bool, masked: bool = False) -> str:
+    """The implementation that serves one call, after the fallback rules in the module docstring (``masked``: the
+    call passes a dense mask)."""
     impl = resolve_attention(name, backend)
     T, S, D = q_shape[1], k_shape[1], q_shape[-1]
     if impl == "splash" and not (aligned and T == S):
         return "xla"
     if impl == "cudnn":
         ok = backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and D % 8 == 0 and D <= 128
+        # A mask reaches cuDNN as a bias; with a bias its training kernels need even lengths (JAX 0.10.2's
+        # check_is_flash_attention raises "Unsupported sequence length" under jax.grad). Whether the call is
+        # differentiated is not known here, so a masked call at an odd length uses xla for inference as well.
+        ok = ok and not (masked and (T % 2 or S % 2))
         return "cudnn" if ok else "xla"
     return impl
 
@@ -150,12 +160,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, 
     ``implementation``: ``config.model.attention``, resolved at trace time for
     the platform the program is compiled for.
     """
-    impl = implementation_for(implementation, sharding.target_platform(), q.shape, k.shape, q.dtype, mask.aligned)
+    dense = mask.dense()
+    impl = implementation_for(implementation, sharding.target_platform(), q.shape, k.shape, q.dtype, mask.aligned,
+                              masked=dense is not None)
     if impl == "splash":
         out = _splash(q, k, v, mask, scale)
+    elif impl == "cudnn" and sharding.current_mesh() is not None:
+        q, k, v, dense = _cudnn_shardings(q, k, v, dense)
+        out = jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation="cudnn")
     else:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale, implementation=impl)
+        out = jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation=impl)
     return sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
+
+
+def _cudnn_shardings(q, k, v, dense):
+    """(q, k, v, mask) constrained as cuDNN's partitioner requires: q, k, v alike (the batch and, where both head axes
+    split the same way, the heads), no sequence or head_dim split, the mask split as q's batch. A KV-cached call's
+    cache is otherwise laid out apart from its queries ("Query, key and value should have same sharding")."""
+    qs = sharding.logical_spec(("batch", "length", "heads", "head_dim"), q.shape)
+    ks = sharding.logical_spec(("batch", "length", "kv_heads", "head_dim"), k.shape)
+    spec = P(qs[0] if qs[0] == ks[0] else None, None, qs[2] if qs[2] == ks[2] else None, None)
+    c = lambda x, sp: jax.lax.with_sharding_constraint(x, sp)
+    q, k, v = c(q, spec), c(k, spec), c(v, spec)
+    if dense is not None:
+        dense = c(dense, P(spec[0] if dense.shape[0] == q.shape[0] else None, None, None, None))
+    return q, k, v, dense
 
 
 def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool):

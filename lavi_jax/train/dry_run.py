@@ -60,7 +60,11 @@ def _with_shardings(shapes, shardings):
 
 
 def _cost(stage) -> dict:
-    cost = stage.cost_analysis()
+    """XLA's cost analysis ({} where the backend gives none: the GPU compiler's programs)."""
+    try:
+        cost = stage.cost_analysis()
+    except Exception:  # noqa: BLE001  (a backend without a cost model)
+        return {}
     return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
@@ -122,10 +126,10 @@ def _train_lowered(config, mesh):
         return program.fn.lower(state, batch), state, spec
 
 
-def _compile(lowered, chip):
+def _compile(lowered, chip, device=None):
     """``(compiled, None)``, or ``(None, report)`` when the TPU compiler refuses a program too large for HBM."""
     try:
-        return lowered.compile(), None
+        return lowered.compile(compiler_options=topo.compiler_options(chip, device)), None
     except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED ... Ran out of memory in memory space hbm ...
         msg = " ".join(str(e).split())
         if chip is None or "RESOURCE_EXHAUSTED" not in msg:
@@ -137,7 +141,7 @@ def train_program(config, mesh, chip, *, flops: bool = True) -> dict:
     """The train step's report (``flops=False``: memory only, skipping the unrolled lowering)."""
     t0 = time.time()
     lowered, state, spec = _train_lowered(config, mesh)
-    compiled, refused = _compile(lowered, chip)
+    compiled, refused = _compile(lowered, chip, mesh.devices.flat[0])
     setting = dict(global_batch=int(config.train.batch_size), seq_len=spec.seq_len,
                    grad_accum=int(config.train.grad_accum), tokens=int(config.train.batch_size) * spec.seq_len)
     if refused:
@@ -203,7 +207,7 @@ def generation_programs(config, mesh, chip, *, batch: int, prompt_len: int, fram
     counted that many times) for ``batch`` prompts of ``prompt_len`` tokens with ``frames`` frames per item."""
     t0 = time.time()
     prefill, step, params = _generation_lowered(config, mesh, batch, prompt_len, frames, new_tokens)
-    prefill_c, refused = _compile(prefill, chip)
+    prefill_c, refused = _compile(prefill, chip, mesh.devices.flat[0])
     t_prefill = time.time() - t0
     setting = dict(batch=batch, prompt_len=prompt_len, frames_per_item=frames, new_tokens=new_tokens)
     if refused:
@@ -216,7 +220,7 @@ def generation_programs(config, mesh, chip, *, batch: int, prompt_len: int, fram
                                         params=bytes_per_device(params)), **setting)
     if "decode" in programs:
         t0 = time.time()
-        step_c, refused = _compile(step(prefill_c.out_info), chip)
+        step_c, refused = _compile(step(prefill_c.out_info), chip, mesh.devices.flat[0])
         steps = new_tokens - 1
         if refused:
             out["decode"] = dict(refused, compile_seconds=round(time.time() - t0, 1), steps=steps, **setting)
@@ -261,8 +265,10 @@ def dry_run(config, mesh=None, *, topology: str | None = None, programs=None, re
               "dtype": m.dtype, "param_dtype": m.param_dtype, "attention": m.get("attention", "auto"),
               "scan_layers": bool(m.scan_layers), "remat_policy": m.remat_policy, "programs": {}}
     if chip is not None:
-        report["chip"] = {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "spec_hbm_bytes": chip.spec_hbm_bytes,
-                          "peak_bf16_flops": chip.peak_bf16_flops}
+        report["chip"] = {"name": chip.name, "platform": chip.platform, "hbm_bytes": chip.hbm_bytes,
+                          "spec_hbm_bytes": chip.spec_hbm_bytes, "peak_bf16_flops": chip.peak_bf16_flops}
+        if chip.platform == "gpu":
+            report["chip"]["memory_fraction"] = topo.GPU_MEMORY_FRACTION
     if "train" in programs:
         report["programs"]["train"] = train_program(config, mesh, chip)
     gen = [p for p in programs if p != "train"]
@@ -291,19 +297,25 @@ def dry_run(config, mesh=None, *, topology: str | None = None, programs=None, re
 
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / 2**20:.1f} MiB" if abs(b) < 2**30 else f"{b / 2**30:.2f} GiB"
-    where = f"TPU topology {r['topology']} ({r['device_kind']})" if r["topology"] else f"{r['device_kind'] or 'devices'}"
+    gpu = r.get("chip", {}).get("platform") == "gpu"
+    slice_ = "GPU slice" if gpu else "TPU topology"
+    where = f"{slice_} {r['topology']} ({r['device_kind']})" if r["topology"] else f"{r['device_kind'] or 'devices'}"
     lines = [f"dry run: {where}, {r['devices']} devices, mesh {r['mesh']}, compute {r['dtype']}, params "
              f"{r['param_dtype']}, attention {r['attention']}"]
     if "chip" in r:
-        lines[0] += (f"; per chip {gib(r['chip']['hbm_bytes']).strip()} HBM usable (of "
-                     f"{gib(r['chip']['spec_hbm_bytes']).strip()}), {r['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16")
+        c = r["chip"]
+        usable = (f"per GPU {gib(c['hbm_bytes']).strip()} usable ({c['memory_fraction']:g} of "
+                  f"{gib(c['spec_hbm_bytes']).strip()}: XLA_PYTHON_CLIENT_MEM_FRACTION)" if gpu else
+                  f"per chip {gib(c['hbm_bytes']).strip()} HBM usable (of {gib(c['spec_hbm_bytes']).strip()})")
+        lines[0] += f"; {usable}, {c['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16"
+    compiler = "GPU" if gpu else "TPU"
     for name, p in r["programs"].items():
         what = (f"global batch {p['global_batch']} x {p['seq_len']} tokens" if name == "train" else
                 f"batch {p['batch']}, prompt {p['prompt_len']}, {p['frames_per_item']} frame(s) per item"
                 + (f", {p['steps']} steps" if name == "decode" else ""))
         lines.append(f"  {name}: {what} (compiled in {p['compile_seconds']} s)")
         if "compiler_error" in p:
-            lines.append(f"    DOES NOT FIT {gib(p['hbm_bytes']).strip()} HBM per the TPU compiler: {p['compiler_error'][:300]}")
+            lines.append(f"    DOES NOT FIT {gib(p['hbm_bytes']).strip()} HBM per the {compiler} compiler: {p['compiler_error'][:300]}")
             continue
         b = p["bytes_per_device"]
         lines.append("    per device: " + ", ".join(f"{k} {gib(b[k]).strip()}" for k in MEMORY_KEYS if k in b))

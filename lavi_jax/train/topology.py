@@ -1,13 +1,18 @@
-"""Compiling for a named TPU topology from a host without TPUs: libtpu's abstract devices and the chips' figures.
+"""Compiling for a named TPU or GPU slice from a host without either: abstract devices and their figures.
 
     devices = topology.devices("v5e:8x8")            # 64 abstract TPU v5e chips (needs libtpu, not a TPU)
+    devices = topology.devices("h100:1x1x8")         # one host of 8 abstract H100s (needs jax's CUDA plugin)
     mesh = topology.make_mesh(config.mesh.to_dict(), "v5e:8x8")
-    chip = topology.chip_of(mesh)                    # HBM per chip, nominal bf16 peak
+    chip = topology.chip_of(mesh)                    # memory per chip / GPU, nominal dense bf16 peak
 
-A topology is ``<chip>:<shape>`` as libtpu names it: ``v4:2x2x1``, ``v5e:8x8``,
+A TPU topology is ``<chip>:<shape>`` as libtpu names it: ``v4:2x2x1``, ``v5e:8x8``,
 ``v5p:4x4x4``, ``v6e:16x16``. The TPU compiler comes with libtpu,
-``pip install "jax[tpu]==<jax version>"``; programs compiled for such devices
-can be inspected (memory, cost analysis) but not run.
+``pip install "jax[tpu]==<jax version>"``. A GPU slice is ``<gpu>:<hosts>x<gpus per host>``
+or ``<gpu>:<slices>x<hosts>x<gpus per host>`` (``h100:1x8``, ``h100:1x1x8``, ``h100:1x2x8``) for
+the GPUs of :data:`GPUS`; XLA's GPU compiler comes with jax's CUDA plugin,
+``pip install "jax[cuda12]==<jax version>"`` (~5.5 GB), and compiles for the GPU that
+:mod:`lavi_jax.train.gpu_targets` describes. Programs compiled for such devices can be
+inspected (memory, cost analysis) but not run.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Chip:
     peak_bf16_flops: float  # dense bf16 FLOP/s per chip (a multiply-add is 2 FLOPs)
     accelerator_type: str  # Cloud TPU's accelerator-type prefix, e.g. v5litepod (-<chips>)
     per_core: bool = False  # accelerator types count TensorCores (2 per chip), not chips
+    platform: str = "tpu"  # "tpu" | "gpu"
 
 
 # Spec-sheet HBM and peak bf16 compute per chip from Google Cloud's TPU system-architecture pages
@@ -49,25 +55,52 @@ CHIPS = {c.name: c for c in (
 )}
 EXAMPLES = ("v4:2x2x1", "v5e:8x8", "v5p:4x4x4", "v6e:8x8")
 
+# GPUs. Memory: the device memory the CUDA runtime reports (lavi_jax.train.gpu_targets, from XLA's target-config
+# specs: H100 80 GB 79.1 GiB, H200 141 GB 141.0 GiB, A100 80 GB 79.3 GiB, B200 178.4 GiB). A jax process's allocator
+# gets a fraction of it, XLA_PYTHON_CLIENT_MEM_FRACTION (jax's default 0.75; "fits" is judged against that share,
+# read from the environment when this module is imported). Dense (not 2:4 sparse) bf16 tensor-core peak per GPU from
+# NVIDIA's data sheets (H100 SXM5 and H200 SXM: 989 TFLOP/s; A100 SXM4: 312 TFLOP/s; HGX B200: 2.25 PFLOP/s).
+GPU_MEMORY_FRACTION = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+
+
+def _gpu(name: str, peak: float) -> Chip:
+    from lavi_jax.train import gpu_targets
+
+    t = gpu_targets.TARGETS[name]
+    return Chip(name, t.device_kind, int(GPU_MEMORY_FRACTION * t.memory_bytes), t.memory_bytes, peak, "", platform="gpu")
+
+
+GPUS = {c.name: c for c in (_gpu("h100", 989e12), _gpu("h200", 989e12), _gpu("a100", 312e12), _gpu("b200", 2250e12))}
+GPU_EXAMPLES = ("h100:1x8", "h100:1x2x8", "h200:1x1x8", "a100:1x1x8", "b200:1x1x8")
+
 
 class TopologyError(ValueError):
     """A topology that cannot be used; the message is one line for the command line."""
 
 
 def known() -> str:
-    return f"known chips {', '.join(CHIPS)} as <chip>:<shape>, e.g. {', '.join(EXAMPLES)}"
+    return (f"known chips {', '.join(CHIPS)} as <chip>:<shape>, e.g. {', '.join(EXAMPLES)}; known GPUs "
+            f"{', '.join(GPUS)} as <gpu>:[<slices>x]<hosts>x<gpus per host>, e.g. {', '.join(GPU_EXAMPLES)}")
 
 
-def install_command() -> str:
-    return f'pip install "jax[tpu]=={jax.__version__}"'
+def install_command(platform: str = "tpu") -> str:
+    return f'pip install "jax[{"cuda12" if platform == "gpu" else "tpu"}]=={jax.__version__}"'
 
 
 def parse(name: str) -> tuple[Chip, tuple[int, ...]]:
-    """``"v5e:8x8"`` -> (the v5e chip, (8, 8)); a TopologyError naming the known ones otherwise."""
-    m = re.fullmatch(r"(v\w+):(\d+(?:x\d+)+)", name.strip())
-    if not m or m.group(1) not in CHIPS:
-        raise TopologyError(f"unknown TPU topology {name!r}: {known()}")
-    return CHIPS[m.group(1)], tuple(int(d) for d in m.group(2).split("x"))
+    """``"v5e:8x8"`` -> (the v5e chip, (8, 8)); ``"h100:1x8"`` -> (the H100, (1, 1, 8)) (slices x hosts x GPUs per
+    host); a TopologyError naming the known ones otherwise."""
+    m = re.fullmatch(r"(\w+):(\d+(?:x\d+)+)", name.strip())
+    chip = m and (CHIPS.get(m.group(1)) or GPUS.get(m.group(1)))
+    if not chip:
+        what = "GPU slice" if re.match(r"[a-uw-z]", name.strip()) else "TPU topology"  # TPU chips are v<n>...
+        raise TopologyError(f"unknown {what} {name!r}: {known()}")
+    dims = tuple(int(d) for d in m.group(2).split("x"))
+    if chip.platform == "gpu":
+        if len(dims) not in (2, 3) or min(dims) < 1:
+            raise TopologyError(f"GPU slice {name!r}: expected <gpu>:[<slices>x]<hosts>x<gpus per host>; {known()}")
+        dims = (1,) * (3 - len(dims)) + dims
+    return chip, dims
 
 
 def _quiet_runtime(chip: Chip, chips: int) -> None:
@@ -86,9 +119,34 @@ def _quiet_runtime(chip: Chip, chips: int) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.accelerator_type}-{chips * (2 if chip.per_core else 1)}")
 
 
+def _gpu_devices(name: str, chip: Chip, dims: tuple[int, ...]) -> list:
+    """The abstract GPUs of slice ``name``, compiled for by XLA's GPU compiler from jax's CUDA plugin."""
+    from lavi_jax.train import gpu_targets
+
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        raise TopologyError(f"dry_run_topology={name!r} needs the GPU compiler (jax's CUDA plugin): "
+                            f"{install_command('gpu')}, and JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 on a host without GPUs")
+    if not os.path.exists("/dev/nvidiactl"):  # no driver: the plugin's version check would stop at cuInit
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # read when jax first loads its plugins
+    from jax.experimental import topologies
+
+    shape = "x".join(map(str, dims))
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", target_config=gpu_targets.target_config(chip.name),
+                                                 topology=shape).devices)
+    except NotImplementedError:  # the plugin was loaded before the variable was set, and refused the host
+        raise TopologyError(f"dry_run_topology={name!r}: jax's CUDA plugin did not load on this host without GPUs; "
+                            "set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 (or JAX_PLATFORMS=cpu) before starting") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TopologyError(f"GPU slice {name!r} rejected by the GPU compiler ({first}); {known()}") from None
+
+
 def devices(name: str) -> list:
-    """The abstract TPU devices of topology ``name`` (compile-only; no TPU needed, libtpu is)."""
+    """The abstract devices of topology ``name`` (compile-only; no TPU or GPU needed, libtpu or the CUDA plugin is)."""
     chip, dims = parse(name)
+    if chip.platform == "gpu":
+        return _gpu_devices(name, chip, dims)
     if importlib.util.find_spec("libtpu") is None:
         raise TopologyError(f"dry_run_topology={name!r} needs the TPU compiler (libtpu): {install_command()}")
     _quiet_runtime(chip, math.prod(dims))
@@ -107,10 +165,29 @@ def make_mesh(shape: dict, name: str):
     try:
         return sharding.make_mesh(shape, devices=devs)
     except ValueError as e:
-        raise TopologyError(f"mesh {dict(shape)} does not divide TPU topology {name} ({len(devs)} chips): {e}") from None
+        what, unit = ("GPU slice", "GPUs") if parse(name)[0].platform == "gpu" else ("TPU topology", "chips")
+        raise TopologyError(f"mesh {dict(shape)} does not divide {what} {name} ({len(devs)} {unit}): {e}") from None
+
+
+def compile_only(device) -> bool:
+    """True for an abstract device of :func:`devices` (compile-only), False for one that runs programs."""
+    return type(getattr(device, "client", None)).__name__ == "CompileOnlyPyClient"
+
+
+def compiler_options(chip: Chip | None, device=None) -> dict | None:
+    """XLA options for compiling for ``chip``'s abstract ``device``. The GPU compiler picks Triton GEMM tiles by
+    autotuning on a device; without one, its fallback finds no tiling for some of the 7B step's fusions ("Couldn't find
+    output tile sizes", e.g. the conditioner's v_proj gradient), so deviceless GPU compiles use cuBLAS GEMMs throughout
+    (a compile for real GPUs keeps XLA's defaults)."""
+    if chip is not None and chip.platform == "gpu" and (device is None or compile_only(device)):
+        return {"xla_gpu_enable_triton_gemm": False}
+    return None
 
 
 def chip_of(mesh) -> Chip | None:
-    """The chip of a mesh's devices (None when they are not a TPU of :data:`CHIPS`)."""
+    """The chip or GPU of a mesh's devices (None when they are not one of :data:`CHIPS` / :data:`GPUS`). A real
+    GPU matches by its device kind's model (``"NVIDIA H100 80GB HBM3"`` and ``"NVIDIA H100"`` alike)."""
     kind = getattr(mesh.devices.flat[0], "device_kind", "")
-    return next((c for c in CHIPS.values() if c.device_kind == kind), None)
+    exact = next((c for c in (*CHIPS.values(), *GPUS.values()) if c.device_kind == kind), None)
+    model = lambda k: " ".join(k.split()[:2])  # "NVIDIA H100"
+    return exact or next((c for c in GPUS.values() if kind.startswith("NVIDIA") and model(c.device_kind) == model(kind)), None)
