@@ -92,10 +92,11 @@ def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict
     return ml_collections.ConfigDict(raw)
 
 
-def abstract_params_for(model_config: ml_collections.ConfigDict, mesh) -> Any:
-    """ShapeDtypeStructs with shardings for the params of ``model_config`` on ``mesh``."""
+def abstract_params_for(model_config: ml_collections.ConfigDict, mesh, fit: bool = False) -> Any:
+    """ShapeDtypeStructs with shardings for the params of ``model_config`` on ``mesh``; with ``fit``, a param
+    dimension the mesh does not divide is left replicated (``lavi_jax.sharding.logical_to_sharding(..., uneven=None)``)."""
     shapes, specs = sharding.abstract_params(LaVi(model_config), jnp.zeros((1, 8), jnp.int32))
-    shardings = sharding.logical_to_sharding(specs, mesh)
+    shardings = sharding.logical_to_sharding(specs, mesh, shapes, uneven=None if fit else sharding.UNEVEN_REPLICATED)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
@@ -114,10 +115,14 @@ def check_tree(expected: Any, found: Any, where: str) -> None:
 
 
 def restore_params(path: str, model_config: ml_collections.ConfigDict, mesh=None, step: int | None = None) -> Any:
-    """Params of ``model_config`` restored from ``path`` directly into their shards on ``mesh``."""
+    """Params of ``model_config`` restored from ``path`` directly into their shards on ``mesh``.
+
+    Without ``mesh``: :func:`lavi_jax.sharding.make_load_mesh`, fsdp over every device (each param split
+    over the devices along its ``fsdp`` axes, a dimension the device count does not divide left whole), so no
+    device holds the whole model.
+    """
     directory = resolve(path)
-    mesh = mesh or sharding.make_mesh()
-    target = abstract_params_for(model_config, mesh)
+    target = abstract_params_for(model_config, mesh or sharding.make_load_mesh(), fit=mesh is None)
     with manager(directory, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
@@ -138,7 +143,9 @@ def load(path: str, *, mesh=None, step: int | None = None):
     """``(model, params)`` from any checkpoint lavi_jax writes (a workdir, checkpoint dir or step dir).
 
     The config travels with the checkpoint; params are restored sharded on
-    ``mesh`` (default: every device, data-parallel). The config is available as
+    ``mesh`` (default: :func:`lavi_jax.sharding.make_load_mesh`, fsdp over every
+    device, so each device holds about 1/n of the params; pass a mesh of your own
+    for tensor parallelism or full replication). The config is available as
     ``model.config`` (model part) and ``lavi_jax.checkpoint.read_config(path)``.
     """
     config = read_config(path, step)

@@ -65,6 +65,16 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+# The default mesh for using a checkpoint (``lavi_jax.load``): params split over every device along the axes the
+# rules put on ``fsdp`` (``embed``, ``vit_embed``, ``cond_embed``), inference batches over every device too.
+LOAD_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def make_load_mesh(devices=None) -> Mesh:
+    """The mesh :func:`lavi_jax.load` restores onto by default: ``LOAD_MESH`` (fsdp over every device)."""
+    return make_mesh(LOAD_MESH, devices)
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh):
     """Context in which activation constraints inside the model take effect."""
@@ -103,14 +113,32 @@ def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...] | None = 
     return PartitionSpec(*spec)
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
-    """Tree of logical ``PartitionSpec`` -> tree of ``NamedSharding`` on ``mesh``."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+# Logical axes whose size is the model's, not the parallelism's (a vocabulary of 32001): where the mesh axes the
+# rules give them do not divide a param's dimension, that dimension stays replicated instead of failing.
+UNEVEN_REPLICATED = ("vocab",)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, shapes: Any = None, uneven: tuple[str, ...] | None = UNEVEN_REPLICATED) -> Any:
+    """Tree of logical ``PartitionSpec`` -> tree of ``NamedSharding`` on ``mesh``. With ``shapes`` (the params'
+    arrays or ShapeDtypeStructs), a dimension of a logical axis in ``uneven`` (None: any axis, for default meshes
+    sized by the device count rather than the model) that the mesh does not divide is left replicated."""
+    if shapes is None:
+        return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+
+    def one(shape, spec):
+        axes = list(nn.logical_to_mesh_axes(tuple(spec), RULES))
+        for i, (name, a) in enumerate(zip(tuple(spec), axes)):
+            if (uneven is None or name in uneven) and a is not None and shape.shape[i] % math.prod(
+                    mesh.shape[n] for n in ((a,) if isinstance(a, str) else a)):
+                axes[i] = None
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    return jax.tree.map(one, shapes, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
     """Shardings for a (boxed, abstract) param tree from ``jax.eval_shape(model.init, ...)``."""
-    return logical_to_sharding(nn.get_partition_spec(abstract_boxed_params), mesh)
+    return logical_to_sharding(nn.get_partition_spec(abstract_boxed_params), mesh, nn.unbox(abstract_boxed_params))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -230,3 +230,20 @@ def test_torch_reference_refuses_anyres_concat(towers, tmp_path):
     exporter.export_params(cfg, params, str(tmp_path / "out"))
     with pytest.raises(ValueError, match="no anyres concat path"):
         LaViReference.from_pretrained(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("path", ["configs/lavi_qwen2_7b_siglip.py:hd,tiny", "configs/llava_ov_7b_concat.py:tiny"])
+def test_anyres_without_image_sizes_fails_naming_them(path):
+    """LaVi-HD's tile embedding and anyres concat's crop layout both come from image_sizes: a call without them
+    stops (before, LaVi-HD silently gave crops the clamped temporal table)."""
+    cfg = C.get(path).model
+    cfg.anyres.update(enabled=True, pinpoints=((S, S), (S, 2 * S), (2 * S, S), (2 * S, 2 * S)), max_crops=MAX_CROPS)
+    model = LaVi(cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 500, (1, 12)), jnp.int32).at[0, 2].set(cfg.image_token_id)
+    pix = jnp.asarray(rng.normal(size=(1, 1, 1 + MAX_CROPS, S, S, 3)), jnp.float32)
+    sizes = jnp.asarray([[[40, 70]]], jnp.int32)
+    params = model.init(jax.random.key(0), ids, pix, image_sizes=sizes)["params"]
+    assert np.isfinite(np.asarray(model.apply({"params": params}, ids, pix, image_sizes=sizes))).all()
+    with pytest.raises(ValueError, match="image_sizes"):
+        model.apply({"params": params}, ids, pix)

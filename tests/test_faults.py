@@ -231,6 +231,37 @@ def test_nonfinite_update_leaves_state_untouched():
     assert bool(m["finite"]) and int(new.nonfinite) == 0
 
 
+def test_logged_learning_rate_is_the_one_the_optimizer_used_after_a_skipped_step():
+    """A non-finite step reverts optax's count but not ``state.step``: the logged rate follows the optimizer."""
+    cfg = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
+    cfg.train.update(trainable="all", learning_rate=1e-3, warmup_steps=4, num_steps=8)
+    model = lavi_jax.LaVi(cfg.model)
+    tx = training.make_optimizer(cfg.train)
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    patterns = training.trainable_patterns("all")
+    _, shardings = training.state_shardings(model, tx, patterns, mesh, jnp.zeros((1, 8), jnp.int32))
+    params = sharding.init_params(model, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), mesh=mesh)
+    state = training.create_state(params, tx, patterns, shardings)
+    s = cfg.model.vision.image_size
+    ids = np.full((2, 8), 5, np.int32)
+    ids[:, 1] = cfg.model.image_token_id
+    good = {"input_ids": ids, "attention_mask": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32),
+            "pixel_values": np.zeros((2, 1, 1, s, s, 3), np.float32), "item_mask": np.ones((2, 1, 1), bool)}
+    bad = dict(good, pixel_values=np.full_like(good["pixel_values"], np.nan))
+    step = jax.jit(training.make_train_step(model, tx, cfg.train))
+    schedule = training.learning_rate_schedule(cfg.train)
+    logged = []
+    for batch in (good, bad, good, good):
+        count = int(state.opt_state[1][0].count)  # the optimizer's count before the step (adamw's scale_by_adam)
+        state, m = step(state, batch)
+        logged.append((float(m["learning_rate"]), float(schedule(count)), bool(m["finite"])))
+    assert [f for *_, f in logged] == [True, False, True, True] and int(state.step) == 4
+    assert int(state.opt_state[1][0].count) == 3
+    for got, want, _ in logged:
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert logged[2][0] == logged[1][0] < float(schedule(2))  # the step after the skip reuses the skipped rate
+
+
 # ----------------------------------------------------------------------------- wrong checkpoints, unsafe loading
 
 
@@ -246,6 +277,23 @@ def test_checkpoint_for_another_config_fails_naming_the_path(tmp_path):
     llama = lavi_jax.configs.get("configs/lavi_vicuna7b_clip336.py:tiny").model
     with pytest.raises(checkpoint.CheckpointMismatch, match="checkpoint"):
         checkpoint.restore_params(str(tmp_path), llama)
+
+
+def test_load_shards_params_over_the_devices_by_default(tmp_path):
+    """``lavi_jax.load`` without a mesh splits params over every device (not one full copy per device)."""
+    cfg = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
+    model = lavi_jax.LaVi(cfg.model)
+    one = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    params = sharding.init_params(model, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), mesh=one)
+    checkpoint.save_params(str(tmp_path), cfg, params)
+    loaded_model, loaded = lavi_jax.load(str(tmp_path))
+    largest = max(jax.tree.leaves(loaded), key=lambda x: x.size)
+    assert len(largest.sharding.device_set) == len(jax.devices()) == 8
+    assert largest.sharding.shard_shape(largest.shape) != largest.shape, largest.sharding
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 500, (8, 16)), jnp.int32)
+    want = model.apply({"params": params}, ids)
+    got = jax.jit(loaded_model.apply)({"params": loaded}, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
 def test_no_unsafe_loading_in_the_package():

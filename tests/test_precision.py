@@ -1,6 +1,7 @@
 """Mixed-precision presets (lavi_jax.config.PRECISIONS): the bf16-vs-f32 logit gap is bounded, and the pieces that
 must stay float32 (norm statistics, attention softmax, logits, the loss) do."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import lavi_jax
 from lavi_jax import config as C
 from lavi_jax.models.attention import AttentionMask, attention
-from lavi_jax.models.decoder import RMSNorm
+from lavi_jax.models.decoder import Decoder, RMSNorm
 from lavi_jax.train.step import loss_terms
 
 # max |logits(preset) - logits(f32)| as a fraction of max |logits(f32)| on the tiny configs with random weights
@@ -41,6 +42,29 @@ def test_bf16_logits_stay_within_the_bound_of_f32(path):
         assert out.dtype == jnp.float32
         gap = float(jnp.abs(out - ref).max()) / float(jnp.abs(ref).max())
         assert 0 < gap <= bound, (preset, gap)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_head_gives_float32_logits_of_a_float32_matmul(tied):
+    """The LM head (and the tied embedding) multiply bf16 hidden states by bf16 weights into float32: the logits are
+    the float32 product, not a bf16 result cast up (which moves in steps of 0.125 above 16)."""
+    m = C.set_precision(C.get("configs/lavi_qwen2_7b_siglip.py:tiny").model, "bf16")
+    m.llm.tie_word_embeddings = tied
+    dec = Decoder(m.llm, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, m.llm.vocab_size, (2, 16)), jnp.int32)
+    params = nn.unbox(dec.init(jax.random.key(0), ids)["params"])
+    head = ("embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+    params[head[0]][head[1]] = (params[head[0]][head[1]] * 60).astype(jnp.bfloat16)  # logits well above 16
+    out = dec.apply({"params": params}, ids)
+    assert out.logits.dtype == jnp.float32 and out.hidden.dtype == jnp.bfloat16
+    w = params[head[0]][head[1]].astype(jnp.float32)
+    ref = jnp.einsum("btd,dv->btv" if not tied else "btd,vd->btv", out.hidden.astype(jnp.float32), w,
+                     precision=jax.lax.Precision.HIGHEST)
+    big = np.abs(np.asarray(ref)) > 16
+    assert big.mean() > 0.05
+    # float32 summation order only: ~1e-6 of the logits' scale (a bf16 result is off by up to 2^-9 of each value)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref), rtol=1e-6, atol=1e-6 * float(np.abs(ref).max()))
+    assert np.any(np.asarray(out.logits)[big] % 0.125 != 0)
 
 
 def test_config_args_select_presets():

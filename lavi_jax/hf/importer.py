@@ -243,7 +243,7 @@ def build_params(cfg: C.ConfigDict, sources: list[Source], mesh, seed: int = 0) 
     model = LaVi(cfg)
     ids = jnp.zeros((1, 8), jnp.int32)
     abstract, specs = sharding.abstract_params(model, ids)
-    shardings = dict(flatten(sharding.logical_to_sharding(specs, mesh)))
+    shardings = dict(flatten(sharding.logical_to_sharding(specs, mesh, abstract)))
     targets = {p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[p]) for p, a in flatten(abstract)}
     for s in sources:
         check_shapes(s.entries, s.open().shape, targets)

@@ -166,7 +166,9 @@ class Embed(nn.Module):
         return sharding.constrain(jnp.take(table, ids, axis=0), ("batch", "length", "embed"))
 
     def attend(self, h: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", h, self.embedding.astype(self.dtype))
+        """Tied-embedding logits [B, T, vocab] float32 (the compute-dtype product accumulated in float32)."""
+        return jnp.einsum("btd,vd->btv", h.astype(self.dtype), self.embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
 
 
 class Attention(nn.Module):
@@ -309,7 +311,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, conditioner=final_cond, shared=shared,
                             attention=self.attention)
         if not c.tie_word_embeddings:
-            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype)
+            # float32 logits straight out of the matmul: a bfloat16 result would move in steps of 0.125 above 16.
+            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
+                                 preferred_element_type=jnp.float32)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)

@@ -161,6 +161,10 @@ class LaVi(nn.Module):
             visual = VisualContext(None, None, query_index)
         elif c.fusion == "modulation" and pixel_values is not None:
             tile_cols = None
+            if self._hd and image_sizes is None and not self.is_initializing():
+                raise ValueError("LaVi-HD (anyres tiles with tile_embedding='grid') needs image_sizes int32 [B, N, 2] "
+                                 "(each item's original (height, width), (0, 0) for videos): without it the crops "
+                                 "would get the wrong tile-position embedding")
             if self._hd and image_sizes is not None:  # the crop grid of each image item sets its tiles' positions
                 _, cols = anyres.best_grid(image_sizes, c.anyres.pinpoints, c.vision.image_size)
                 tile_cols = jnp.where(image_sizes[..., 0] > 0, cols, 0)
@@ -189,6 +193,9 @@ class LaVi(nn.Module):
         if anyres.enabled(c):
             if image_sizes is None and self.is_initializing():
                 image_sizes = jnp.zeros((B, N, 2), jnp.int32)
+            if image_sizes is None:
+                raise ValueError("anyres concat needs image_sizes int32 [B, N, 2] (each item's original "
+                                 "(height, width), (0, 0) for videos) to lay out its crops")
             layout = concat_layout(c, input_ids, attention_mask, item_mask, image_sizes)
             tokens, _ = anyres.concat_tokens(c, tokens, item_mask, image_sizes, self.image_newline if c.anyres.newline else None)
         else:

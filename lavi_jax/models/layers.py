@@ -29,6 +29,7 @@ class Dense(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Callable | None = None  # default: LeCun normal over the input dims
+    preferred_element_type: Any = None  # the matmul's accumulation / output dtype (None: ``dtype``)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -39,7 +40,8 @@ class Dense(nn.Module):
         shape = tuple(x.shape[a] for a in axes) + feats
         init = self.kernel_init or nn.initializers.lecun_normal(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.names)), shape, self.param_dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((axes, tuple(range(n_in))), ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((axes, tuple(range(n_in))), ((), ())),
+                                preferred_element_type=self.preferred_element_type)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(self.names[n_in:])),
                               feats, self.param_dtype)
@@ -48,8 +50,8 @@ class Dense(nn.Module):
 
 
 def dense(features, names, *, axis=-1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-          kernel_init=None, name=None) -> Dense:
-    return Dense(features, tuple(names), axis, use_bias, dtype, param_dtype, kernel_init, name=name)
+          kernel_init=None, preferred_element_type=None, name=None) -> Dense:
+    return Dense(features, tuple(names), axis, use_bias, dtype, param_dtype, kernel_init, preferred_element_type, name=name)
 
 
 def quick_gelu(x):

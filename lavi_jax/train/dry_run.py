@@ -164,7 +164,7 @@ def _generation_inputs(config, mesh, batch: int, prompt_len: int, frames: int):
     m, d = config.model, config.data
     model = LaVi(m)
     shapes, specs = sharding.abstract_params(model, jnp.zeros((1, 8), jnp.int32))
-    params = _with_shardings(shapes, sharding.logical_to_sharding(specs, mesh))
+    params = _with_shardings(shapes, sharding.logical_to_sharding(specs, mesh, shapes))
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def arr(shape, dt):

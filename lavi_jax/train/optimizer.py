@@ -3,7 +3,9 @@
 * Trainable params are selected by regular expressions over ``/``-joined
   param paths (``config.train.trainable``); frozen params receive no gradient,
   carry no optimizer state and stay bit-identical.
-* AdamW with linear warmup + cosine decay and global-norm clipping;
+* AdamW with linear warmup + cosine decay and global-norm clipping; weight
+  decay on kernels and embedding tables only (by param name, see ``decays``:
+  never on biases, norm scales or single learned vectors, scanned or not);
   ``config.train.lr_mults`` scales the learning rate of the params whose path
   matches a regex (first match wins).
 """
@@ -90,8 +92,28 @@ def scale_by_path(lr_mults) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+# Weight decay by a param's role, read from its leaf name (a stacked layer axis under ``scan_layers`` changes a
+# param's ndim, never its name): matmul kernels and embedding tables decay; biases, norm scales and the single
+# learned vectors (CLIP's class embedding, LaVi-HD's tile base embedding, anyres' image_newline) do not.
+DECAYED = frozenset({"kernel", "embedding", "position_embedding", "temporal_embedding", "tile_row_embedding",
+                     "tile_col_embedding"})
+NOT_DECAYED = frozenset({"bias", "scale", "class_embedding", "tile_base_embedding", "image_newline"})
+
+
+def decays(path: tuple, x) -> bool:
+    """Whether the param at ``path`` (its keys, innermost last) gets weight decay (see ``DECAYED``)."""
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in DECAYED or name in NOT_DECAYED:
+        return name in DECAYED
+    return x.ndim >= 2  # a name not classified above: matrices decay, vectors do not
+
+
+def decay_mask(params: Any) -> Any:
+    """The tree of booleans (True: weight decay applies) for a param tree; see ``decays``."""
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # no decay on norms and biases
     parts = [
         optax.clip_by_global_norm(c.clip_grad_norm) if c.clip_grad_norm else optax.identity(),
         optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),

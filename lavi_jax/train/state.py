@@ -41,7 +41,7 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh) -> 
 def state_shardings(model: nn.Module, tx, patterns, mesh, example_ids) -> tuple[Any, TrainState]:
     """``(abstract TrainState, TrainState of shardings)`` for ``model`` on ``mesh``."""
     shapes, specs = sharding.abstract_params(model, example_ids)
-    p_shard = sharding.logical_to_sharding(specs, mesh)
+    p_shard = sharding.logical_to_sharding(specs, mesh, shapes)
     opt_shapes = jax.eval_shape(lambda p: init_opt_state(tx, p, patterns), shapes)
     rep = sharding.replicated(mesh)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes, opt_state=opt_shapes,

@@ -42,6 +42,15 @@ def loss_terms(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, j
     return jnp.sum(nll * w), jnp.sum(w)
 
 
+def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The step count the optimizer's learning-rate schedule used this step (optax's, which a skipped non-finite
+    step reverts with the rest of the optimizer state; ``state.step`` counts those steps too); ``default`` when the
+    optimizer has no schedule."""
+    found = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+             if isinstance(s, optax.ScaleByScheduleState)]
+    return found[0] if found else default
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_collections.ConfigDict):
     """``step(state, batch) -> (state, metrics)``, to be jitted with shardings."""
     patterns = trainable_patterns(c.trainable)
@@ -50,7 +59,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_co
 
     def step(state: TrainState, batch: dict):
         trainable, frozen = partition(state.params, patterns)
-        micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+        # Micro-batch j is rows j::k (a strided split): with the batch sharded in contiguous blocks over the batch
+        # axes, every device's rows of each micro-batch are rows it already holds, so splitting moves no data.
+        split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)  # [k, B // k, ...]
+        micro = jax.tree.map(lambda x: sharding.constrain(split(x), (None, "batch") + (None,) * (x.ndim - 1)), batch)
 
         def accumulate(carry, mb):
             g_sum, num_sum, den_sum = carry
@@ -73,7 +85,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_co
             opt_state=keep(new_opt, state.opt_state),
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
         )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(schedule_count(state.opt_state, state.step)),
                    "tokens": den, "finite": finite, "nonfinite": new_state.nonfinite}
         return new_state, metrics
 
