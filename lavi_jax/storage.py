@@ -401,7 +401,6 @@ def write_file(path: str):
     with _errors(path, "write"):
         if local:
             os.makedirs(os.path.dirname(p), exist_ok=True)
-        if local:
             tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
         else:
             fd, tmp = tempfile.mkstemp(prefix="lavi_jax-upload-")

@@ -205,13 +205,15 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(vqa, tmp_path):
     assert any(r.get("nonfinite_step") for r in rows)
 
 
-def test_nonfinite_update_leaves_state_untouched():
+def tiny_state_and_batch(**train):
+    """The tiny 7B-shaped config with ``train`` settings on one device -> (config, model, optimizer, fresh train
+    state, a finite batch of 2 rows with one image each)."""
     cfg = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
-    cfg.train.update(trainable="all")
+    cfg.train.update(**train)
     model = lavi_jax.LaVi(cfg.model)
     tx = training.make_optimizer(cfg.train)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    patterns = training.trainable_patterns("all")
+    patterns = training.trainable_patterns(cfg.train.trainable)
     _, shardings = training.state_shardings(model, tx, patterns, mesh, jnp.zeros((1, 8), jnp.int32))
     params = sharding.init_params(model, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), mesh=mesh)
     state = training.create_state(params, tx, patterns, shardings)
@@ -219,7 +221,13 @@ def test_nonfinite_update_leaves_state_untouched():
     ids = np.full((2, 8), 5, np.int32)
     ids[:, 1] = cfg.model.image_token_id
     batch = {"input_ids": ids, "attention_mask": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32),
-             "pixel_values": np.full((2, 1, 1, s, s, 3), np.nan, np.float32), "item_mask": np.ones((2, 1, 1), bool)}
+             "pixel_values": np.zeros((2, 1, 1, s, s, 3), np.float32), "item_mask": np.ones((2, 1, 1), bool)}
+    return cfg, model, tx, state, batch
+
+
+def test_nonfinite_update_leaves_state_untouched():
+    cfg, model, tx, state, good = tiny_state_and_batch(trainable="all")
+    batch = dict(good, pixel_values=np.full_like(good["pixel_values"], np.nan))
     step = jax.jit(training.make_train_step(model, tx, cfg.train))
     before = jax.device_get((state.params, state.opt_state))
     new, m = step(state, batch)
@@ -233,20 +241,7 @@ def test_nonfinite_update_leaves_state_untouched():
 
 def test_logged_learning_rate_is_the_one_the_optimizer_used_after_a_skipped_step():
     """A non-finite step reverts optax's count but not ``state.step``: the logged rate follows the optimizer."""
-    cfg = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
-    cfg.train.update(trainable="all", learning_rate=1e-3, warmup_steps=4, num_steps=8)
-    model = lavi_jax.LaVi(cfg.model)
-    tx = training.make_optimizer(cfg.train)
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    patterns = training.trainable_patterns("all")
-    _, shardings = training.state_shardings(model, tx, patterns, mesh, jnp.zeros((1, 8), jnp.int32))
-    params = sharding.init_params(model, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), mesh=mesh)
-    state = training.create_state(params, tx, patterns, shardings)
-    s = cfg.model.vision.image_size
-    ids = np.full((2, 8), 5, np.int32)
-    ids[:, 1] = cfg.model.image_token_id
-    good = {"input_ids": ids, "attention_mask": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32),
-            "pixel_values": np.zeros((2, 1, 1, s, s, 3), np.float32), "item_mask": np.ones((2, 1, 1), bool)}
+    cfg, model, tx, state, good = tiny_state_and_batch(trainable="all", learning_rate=1e-3, warmup_steps=4, num_steps=8)
     bad = dict(good, pixel_values=np.full_like(good["pixel_values"], np.nan))
     step = jax.jit(training.make_train_step(model, tx, cfg.train))
     schedule = training.learning_rate_schedule(cfg.train)
