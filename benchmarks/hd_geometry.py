@@ -21,6 +21,10 @@ under OneVision's geometry (SigLIP 384 px / patch 14 = 729 tokens per tile,
 * Memory: weights, the LLM's KV cache and LaVi's visual cache (the
   conditioners' visual keys/values), exact sizes from the abstract state;
   compiled runs add XLA's peak of the generation programs (``peak_bytes``).
+* Per-request cache (:func:`measure_cache`): LaVi-HD's text KV cache plus its
+  visual cache for each ``conditioner.kv_share`` option (``KV_SHARE``) against
+  concat's KV cache, exact sizes of the prefill state's abstract shapes
+  (``python -m benchmarks.hd_geometry`` prints them).
 * Latency (``--sections`` ``hd``, CPU): the same token counts at the scaled-down
   geometry of :mod:`benchmarks.latency`, medians of interleaved runs.
 """
@@ -47,6 +51,7 @@ INPUTS = {  # name -> ("image", (height, width)) | ("video", frames)
     "32-frame video": ("video", 32),
 }
 ASPECT = "anyres_max_9"
+KV_SHARE = ("none", "4", "all")  # conditioner.kv_share options measured by measure_cache
 
 
 def hf_visual_tokens(kind: str, value, pinpoints, tile: int = 384, tile_tokens: int = common.TILE_TOKENS) -> int:
@@ -82,9 +87,10 @@ def geometry(pinpoints, tile: int = 384) -> dict[str, dict]:
     return out
 
 
-def hd_config(scaled: bool = False, dtype: str | None = None) -> C.ConfigDict:
+def hd_config(scaled: bool = False, dtype: str | None = None, kv_share: str = "none") -> C.ConfigDict:
     """The 7B LaVi config with OneVision's anyres geometry (LaVi-HD)."""
     m = common.model_config("modulation", scaled=scaled, dtype=dtype)
+    m.conditioner.kv_share = kv_share
     m.anyres.update(enabled=True, pinpoints=C.ONEVISION_PINPOINTS, max_crops=36, aspect=ASPECT, tile_embedding="grid")
     return m
 
@@ -157,7 +163,7 @@ def measure_flops(geo: dict, compiled: bool = False, log=print) -> dict:
             if label == "lavi_hd_static" and g["kind"] == "video":
                 continue  # a video item is its frames; the static crop maximum applies to images
             pix, mask, sizes = _abstract_pixels(lavi_m, frames, g["image_size"])
-            args = (ids, ids, pix, mask) + ((sizes,) if g["kind"] == "image" else ())
+            args = (ids, ids, pix, mask, sizes)  # a video's image_sizes are (0, 0)
             row[label] = _generation_cost(lavi, lavi_p, args, compiled)
             row[label]["params_bytes"] = common.tree_bytes(lavi_p)
         text_len = common.PROMPT_LEN - 1 + g["concat_tokens"]
@@ -176,6 +182,33 @@ def measure_flops(geo: dict, compiled: bool = False, log=print) -> dict:
         log(f"  hd {name:>24}: {g['tiles']:>2} tiles, concat {g['concat_tokens']} tokens; LaVi-HD "
             f"{lv['total_flops'] / 1e12:.2f} vs concat {cc['total_flops'] / 1e12:.2f} TFLOP (-{row['reduction_pct']:.1f} %)"
             f" in {row['seconds']} s")
+    return out
+
+
+def measure_cache(geo: dict, options=KV_SHARE, log=print) -> dict:
+    """Per-request cache bytes at 7B geometry: LaVi-HD (text KV + visual cache) per ``kv_share`` option vs concat."""
+    ids = jax.ShapeDtypeStruct((1, common.PROMPT_LEN), jnp.int32)
+    llm = LaVi(_llm_config())
+    llm_p, _ = sharding.abstract_params(llm, jnp.zeros((1, 8), jnp.int32))
+    llm_gen = Generator(llm, max_new_tokens=common.NEW_TOKENS, buckets=None)
+    models = {o: LaVi(hd_config(kv_share=o)) for o in options}
+    params = {o: sharding.abstract_params(m, jnp.zeros((1, 8), jnp.int32))[0] for o, m in models.items()}
+    out = {}
+    for name, g in geo.items():
+        text = jax.ShapeDtypeStruct((1, common.PROMPT_LEN - 1 + g["concat_tokens"]), jnp.int32)
+        concat = common.tree_bytes(jax.eval_shape(llm_gen.prefill, llm_p, text, text)["cache"])
+        row = {"tiles": g["tiles"], "concat_kv_bytes": concat}
+        for o, model in models.items():
+            pix, mask, sizes = _abstract_pixels(model.config, g["tiles"], g["image_size"])
+            args = (ids, ids, pix, mask, sizes)  # a video's image_sizes are (0, 0)
+            gen = Generator(model, max_new_tokens=common.NEW_TOKENS, buckets=None)
+            state = jax.eval_shape(gen.prefill, params[o], *args)
+            kv, vis = common.tree_bytes(state["cache"]), common.tree_bytes(state["visual_cache"])
+            row[o] = {"kv_cache_bytes": kv, "visual_cache_bytes": vis, "ratio": (kv + vis) / concat}
+        out[name] = row
+        log(f"  hd cache {name:>24}: concat {concat / 2**20:.1f} MiB; LaVi-HD " + ", ".join(
+            f"kv_share={o} {(r['kv_cache_bytes'] + r['visual_cache_bytes']) / 2**20:.1f} MiB ({r['ratio']:.2f}x)"
+            for o, r in ((o, row[o]) for o in options)))
     return out
 
 
@@ -224,8 +257,12 @@ def run(compiled: bool = False, latency: bool = True, reps: int = 3, log=print) 
     out = {"method": "compiled" if compiled else "lowered", "aspect": ASPECT, "max_crops": 36,
            "prompt_tokens": common.PROMPT_LEN, "new_tokens": common.NEW_TOKENS,
            "config": {"lavi_hd": common.describe(hd_config()), "concat": common.describe(common.model_config("concat"))},
-           "settings": measure_flops(geo, compiled, log)}
+           "settings": measure_flops(geo, compiled, log), "cache": measure_cache(geo, log=log)}
     if latency:
         out["latency"] = measure_latency(geo, reps, log)
         out["latency_config"] = common.describe(hd_config(scaled=True))
     return out
+
+
+if __name__ == "__main__":
+    measure_cache(geometry(C.ONEVISION_PINPOINTS))

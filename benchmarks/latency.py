@@ -38,7 +38,7 @@ def _memory(gen: Generator, params, ids, mask, pix, item_mask) -> dict[str, int]
     state = gen.prefill(params, ids, mask, pix, item_mask)
     rest = {k: v for k, v in state.items() if k != "cache"}
     decode = gen._decode.lower(params, state["cache"], rest, jax.random.key(0), jnp.float32(1.0),
-                               jnp.float32(1.0), greedy=True, top_k=0).compile()
+                               jnp.float32(1.0), greedy=True, top_k=0, nucleus=False).compile()
     p, d = common.peak_bytes(prefill), common.peak_bytes(decode)
     return {"prefill_peak_bytes": p, "decode_peak_bytes": d, "peak_bytes": max(p, d),
             "kv_cache_bytes": common.tree_bytes(state["cache"])}

@@ -16,7 +16,10 @@ processor-normalised), ``item_mask`` [B, N, F]; returns float logits [B, T, voca
 
 where token t sees item k iff item k's placeholder sits at or before t, and a
 token that sees no item gets zero deltas. Conditioners: ``attention``, ``mlp``,
-``conv``; projector: ``mlp2x_gelu`` / ``linear`` with average pooling and a
+``conv``; with ``kv_share`` (``"all"`` or ``"k"`` layers per group) the
+attention conditioners of a group share one visual key / value projection
+(``conditioner_kv.{g}.k_proj`` / ``.v_proj``; the final norm in the last
+group) and keep their own query and output projections; projector: ``mlp2x_gelu`` / ``linear`` with average pooling and a
 temporal embedding; LaVi-HD (``anyres`` with ``tile_embedding="grid"``) adds a
 tile-position embedding to the frames of anyres image items, whose crop grid
 comes from ``image_sizes`` [B, N, 2] through transformers'
@@ -110,14 +113,15 @@ class Visual:
 class Conditioner(nn.Module):
     """Token-wise (dgamma, dbeta) from the normalised hidden state and the visual tokens a token may see."""
 
-    def __init__(self, cfg: dict, features: int):
+    def __init__(self, cfg: dict, features: int, own_kv: bool = True):
         super().__init__()
         self.cfg, self.features = cfg, features
         width, n_out = cfg["width"], len(cfg["params"])
         if cfg["type"] == "attention":
             self.q_proj = nn.Linear(features, width, bias=False)
-            self.k_proj = nn.Linear(width, width, bias=False)
-            self.v_proj = nn.Linear(width, width, bias=False)
+            if own_kv:
+                self.k_proj = nn.Linear(width, width, bias=False)
+                self.v_proj = nn.Linear(width, width, bias=False)
         elif cfg["type"] in ("mlp", "conv"):
             self.x_proj = nn.Linear(features, width, bias=False)
             self.v_proj = nn.Linear(width, width)
@@ -136,7 +140,8 @@ class Conditioner(nn.Module):
             v = F.gelu(self.conv(grid), approximate="tanh").permute(0, 2, 3, 1).reshape(B, N, Fr, P, -1)
         return v.reshape(v.shape[0], -1, v.shape[-1])
 
-    def forward(self, x: torch.Tensor, vis: Visual):
+    def forward(self, x: torch.Tensor, vis: Visual, kv: "VisualKV | None" = None):
+        """``kv``: the group's shared visual key / value projections (``kv_share``), else this conditioner's own."""
         B, T, _ = x.shape
         if id(self) not in vis.cache:
             vis.cache[id(self)] = self._tokens(vis)
@@ -145,8 +150,9 @@ class Conditioner(nn.Module):
         if self.cfg["type"] == "attention":
             H = self.cfg["num_heads"]
             q = self.q_proj(x).view(B, T, H, -1)
-            k = self.k_proj(tokens).view(B, tokens.shape[1], H, -1)
-            v = self.v_proj(tokens).view(B, tokens.shape[1], H, -1)
+            k_proj, v_proj = (self.k_proj, self.v_proj) if kv is None else (kv.k_proj, kv.v_proj)
+            k = k_proj(tokens).view(B, tokens.shape[1], H, -1)
+            v = v_proj(tokens).view(B, tokens.shape[1], H, -1)
             scores = torch.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
             scores = scores.float().masked_fill(~visible[:, None], torch.finfo(torch.float32).min)
             a = torch.einsum("bhts,bshd->bthd", scores.softmax(-1).to(v.dtype), v)
@@ -161,6 +167,28 @@ class Conditioner(nn.Module):
         out = out.view(B, T, -1, self.features) * seen[:, :, None, None].to(out.dtype)
         deltas = dict(zip(self.cfg["params"], out.unbind(2)))
         return deltas.get("scale"), deltas.get("shift")
+
+
+class VisualKV(nn.Module):
+    """One ``kv_share`` group's visual key and value projections."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+
+
+def kv_groups(cond: dict, norms: list[str]) -> dict[str, int]:
+    """Modulated norm path -> its ``kv_share`` group: k consecutive modulated layers per group, the final norm
+    (``model.norm``) in the last one; ``{}`` without sharing."""
+    share = str(cond.get("kv_share", "none"))
+    if share == "none" or cond["shared"] or cond["type"] != "attention":
+        return {}
+    layers = sorted({int(p.split(".")[2]) for p in norms if p.startswith("model.layers.")})
+    per = max(len(layers), 1) if share == "all" else int(share)
+    group = {layer: n // per for n, layer in enumerate(layers)}
+    last = max(group.values(), default=0)
+    return {p: group[int(p.split(".")[2])] if p.startswith("model.layers.") else last for p in norms}
 
 
 class LaViReference(nn.Module):
@@ -189,13 +217,17 @@ class LaViReference(nn.Module):
             if self.hd else (0, 0)
         self.projector = Projector(m["projector"], in_features,
                                    m["conditioner"]["width"] if self.fusion == "modulation" else hidden, tile_grid)
+        self.kv_group: dict[str, int] = {}
         if self.fusion == "modulation":
             cond = m["conditioner"]
+            self.kv_group = kv_groups(cond, self.lavi["modulated_norms"])
+            if self.kv_group:
+                self.conditioner_kv = nn.ModuleList(VisualKV(cond["width"]) for _ in range(max(self.kv_group.values()) + 1))
             if cond["shared"]:
                 self.conditioners["shared"] = Conditioner(cond, hidden)
             for path in self.lavi["modulated_norms"]:
                 if not cond["shared"]:
-                    self.conditioners[path.replace(".", "/")] = Conditioner(cond, hidden)
+                    self.conditioners[path.replace(".", "/")] = Conditioner(cond, hidden, own_kv=not self.kv_group)
                 self.llm.get_submodule(path).register_forward_hook(self._hook(path))
 
     # -------------------------------------------------------------------- loading
@@ -222,6 +254,8 @@ class LaViReference(nn.Module):
     def load_lavi_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Loads the ``lavi/`` tensors (projector + conditioners); unknown or missing names are errors."""
         parts: dict[str, tuple[nn.Module, dict]] = {"projector.": (self.projector, {})}
+        if self.kv_group:
+            parts["conditioner_kv."] = (self.conditioner_kv, {})
         for key, module in self.conditioners.items():
             prefix = "shared_conditioner." if key == "shared" else key.replace("/", ".") + ".conditioner."
             parts[prefix] = (module, {})
@@ -240,6 +274,8 @@ class LaViReference(nn.Module):
     def lavi_tensors(self) -> dict[str, torch.Tensor]:
         """The projector and conditioner tensors under their ``lavi/`` names."""
         out = {"projector." + k: v for k, v in self.projector.state_dict().items()}
+        if self.kv_group:
+            out.update({"conditioner_kv." + k: v for k, v in self.conditioner_kv.state_dict().items()})
         for key, module in self.conditioners.items():
             prefix = "shared_conditioner." if key == "shared" else key.replace("/", ".") + ".conditioner."
             out.update({prefix + k: v for k, v in module.state_dict().items()})
@@ -271,7 +307,7 @@ class LaViReference(nn.Module):
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
             normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
             cond = self.conditioners["shared" if "shared" in self.conditioners else path.replace(".", "/")]
-            dgamma, dbeta = cond(normed, vis)
+            dgamma, dbeta = cond(normed, vis, self.conditioner_kv[self.kv_group[path]] if self.kv_group else None)
             out = normed * (module.weight if dgamma is None else module.weight + dgamma)
             return (out if dbeta is None else out + dbeta).to(h.dtype)
 

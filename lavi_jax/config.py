@@ -84,6 +84,10 @@ def conditioner(**overrides) -> ConfigDict:
     c.offset = 0
     c.layers = ()  # explicit modulated layer indices, e.g. (0, 4, 8); empty: every/offset
     c.shared = False  # one conditioner for every modulated norm instead of one per norm
+    # attention only: "none" (each norm projects its own visual keys/values), "all" (one K/V projection shared by
+    # every conditioner) or "k" (a digit string: one per group of k consecutive modulated layers; unrolled layers
+    # only); each norm keeps its own query and output projections
+    c.kv_share = "none"
     c.conv_kernel = 3  # conv conditioner only: spatial kernel over each frame's token grid
     c.update(overrides)
     return c
@@ -180,6 +184,19 @@ def data(**overrides) -> ConfigDict:
     return c
 
 
+def lora(**overrides) -> ConfigDict:
+    """``config.train.lora``: low-rank adapters on the frozen base (``rank`` 0: off; see lavi_jax/lora.py)."""
+    c = ConfigDict()
+    c.rank = 0  # adapter rank r (0: no LoRA)
+    c.alpha = 16.0  # scale alpha / r (alpha / sqrt(r) with rslora)
+    c.dropout = 0.0  # dropout on the adapter input, training only
+    c.targets = "llm"  # a preset (llm | vision | llm+vision) or comma-separated regexes over Dense module paths
+    c.rslora = False
+    c.dtype = "float32"  # adapter param dtype (the base keeps config.model.param_dtype)
+    c.update(overrides)
+    return c
+
+
 def train(**overrides) -> ConfigDict:
     """``config.train``: optimisation and loop settings."""
     c = ConfigDict()
@@ -199,6 +216,7 @@ def train(**overrides) -> ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.max_nonfinite = 10  # consecutive non-finite steps before the run stops
+    c.lora = lora()
     c.update(overrides)
     return c
 

@@ -31,6 +31,9 @@ Anyres models (``config.model.anyres``) also take ``image_sizes`` int32
 Sampling (:class:`GenerationConfig`): ``temperature=0`` is greedy; otherwise
 logits are divided by the temperature, then restricted to the ``top_k``
 largest and to the smallest set of tokens whose probability reaches ``top_p``.
+Which of these steps run is decided when the program is compiled: greedy takes
+an argmax, and the vocabulary is sorted only when ``top_p < 1`` (then only the
+``top_k`` largest when ``top_k`` is set).
 A row ends at its first stop token; the rest of the row is ``pad_id``. The
 decode loop is one ``lax.while_loop`` that exits early once every row stopped.
 
@@ -77,10 +80,18 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
-def top_p_mask(logits: jax.Array, p) -> jax.Array:
-    """Keeps the smallest set of most probable tokens whose probability reaches ``p`` (always the top one)."""
+def top_p_mask(logits: jax.Array, p, k: int = 0) -> jax.Array:
+    """Keeps the smallest set of most probable tokens whose probability reaches ``p`` (always the top one).
+
+    ``p`` a scalar or per-row [B]. ``k`` > 0: only the ``k`` largest logits can be kept (they are all that is not
+    already -inf after :func:`top_k_mask`), so only those are sorted, not the vocabulary."""
     probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs = -jnp.sort(-probs, axis=-1)
+    p = jnp.asarray(p, probs.dtype)
+    p = p[..., None] if p.ndim == probs.ndim - 1 else p
+    if 0 < k < logits.shape[-1]:
+        sorted_probs = jax.lax.top_k(probs, k)[0]
+    else:
+        sorted_probs = -jnp.sort(-probs, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     keep = mass_before < p
     keep = keep.at[..., 0].set(True)
@@ -88,13 +99,29 @@ def top_p_mask(logits: jax.Array, p) -> jax.Array:
     return jnp.where((probs >= threshold) | (p >= 1.0), logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, rng: jax.Array, greedy: bool, top_k: int, temperature, top_p) -> jax.Array:
-    """[B, V] float logits -> [B] int32 tokens."""
+def sample(logits: jax.Array, rng: jax.Array, greedy: bool, top_k: int, temperature, top_p, *,
+           nucleus: bool | None = None) -> jax.Array:
+    """[B, V] float logits -> [B] int32 tokens.
+
+    Static choices (one program each): ``greedy`` (argmax for every row), ``top_k``, ``nucleus`` (whether any row
+    restricts to ``top_p`` < 1; None: decided from ``top_p`` when it is a Python number, else True). Without the
+    nucleus nothing is sorted. ``temperature`` and ``top_p`` are scalars or per-row [B] (rows of one batch may
+    differ: continuous batching); a row at temperature 0 takes the argmax.
+    """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / jnp.asarray(temperature, logits.dtype)
-    logits = top_p_mask(top_k_mask(logits, top_k), top_p)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    if nucleus is None:
+        nucleus = not isinstance(top_p, (int, float)) or top_p < 1.0
+    temperature = jnp.asarray(temperature, logits.dtype)
+    t = temperature[..., None] if temperature.ndim == logits.ndim - 1 else temperature
+    scaled = logits / jnp.where(t > 0, t, 1)
+    scaled = top_k_mask(scaled, top_k)
+    if nucleus:
+        scaled = top_p_mask(scaled, top_p, top_k)
+    tokens = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    if temperature.ndim:
+        tokens = jnp.where(temperature > 0, tokens, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return tokens
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -111,11 +138,18 @@ def right_align(input_ids: jax.Array, attention_mask: jax.Array, pad_id: int):
     return jnp.where(mask > 0, ids, pad_id).astype(jnp.int32), mask
 
 
+def _static_knobs(sampling: GenerationConfig) -> dict:
+    """What of ``sampling`` shapes the compiled program: greedy, top_k and whether a nucleus is drawn."""
+    greedy = sampling.temperature == 0
+    return dict(greedy=greedy, top_k=0 if greedy else int(sampling.top_k),
+                nucleus=not greedy and sampling.top_p < 1.0)
+
+
 class Generator:
     """Compiled prefill + decode for one model and one ``max_new_tokens``.
 
     Programs are cached per (prompt bucket, batch and pixel shapes, greedy,
-    top_k); calls with the same shapes never recompile (``num_traces`` counts
+    top_k, nucleus or not); calls with the same shapes never recompile (``num_traces`` counts
     tracings, i.e. compilations).
     """
 
@@ -133,8 +167,9 @@ class Generator:
         self.buckets = tuple(buckets) if buckets else None
         self.num_traces = {"prefill": 0, "decode": 0}
         self._prefill = jax.jit(self._prefill_fn)
-        self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
-        self._step = jax.jit(self._step_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "nucleus"),
+                               donate_argnames=("cache",))
+        self._step = jax.jit(self._step_fn, static_argnames=("greedy", "top_k", "nucleus"), donate_argnames=("cache",))
 
     # -- public
 
@@ -164,22 +199,20 @@ class Generator:
         """Samples ``max_new_tokens`` from a prefill state (consumed). -> (tokens, lengths)."""
         if rng is None:
             rng = jax.random.key(0)
-        greedy = sampling.temperature == 0
         rest = {k: v for k, v in state.items() if k != "cache"}
         tokens, lengths, _ = self._decode(params, state["cache"], rest, rng,
                                           jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p),
-                                          greedy=greedy, top_k=0 if greedy else int(sampling.top_k))
+                                          **_static_knobs(sampling))
         return tokens, lengths
 
     def stream(self, params, state, *, sampling: GenerationConfig = GenerationConfig(), rng: jax.Array | None = None):
         """Like ``decode``, one token at a time: yields every row's next token ([B] int32, ``pad_id`` for
         rows that stopped; a row's stop token is yielded) until every row stopped or ``max_new_tokens``."""
         rng = jax.random.key(0) if rng is None else rng
-        greedy = sampling.temperature == 0
-        knobs = dict(greedy=greedy, top_k=0 if greedy else int(sampling.top_k))
+        knobs = _static_knobs(sampling)
         temperature, top_p = jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p)
         cache, rest = state["cache"], {k: v for k, v in state.items() if k != "cache"}
-        tok = sample(rest["logits"], jax.random.fold_in(rng, 0), knobs["greedy"], knobs["top_k"], temperature, top_p)
+        tok = sample(rest["logits"], jax.random.fold_in(rng, 0), temperature=temperature, top_p=top_p, **knobs)
         done = jnp.zeros(tok.shape, jnp.bool_)
         stops = jnp.asarray(self.stop_ids, jnp.int32)
         for i in range(self.max_new_tokens):
@@ -200,13 +233,13 @@ class Generator:
                                cache_index=P + i - 1, use_visual_cache=reuse, method=LaVi.forward)
         return out.logits[:, -1], out.cache
 
-    def _step_fn(self, params, cache, state, tok, done, rng, i, temperature, top_p, *, greedy, top_k):
+    def _step_fn(self, params, cache, state, tok, done, rng, i, temperature, top_p, *, greedy, top_k, nucleus):
         """One decode step of ``stream``: token i of every row (``pad_id`` where ``done``) and the cache."""
         reuse = bool(state["visual_cache"])
         variables = {"params": params, "visual_cache": state["visual_cache"]} if reuse else {"params": params}
         logits, cache = self._next_logits(variables, state, tok, cache, i, reuse)
         cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), cache)
-        new = sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p)
+        new = sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p, nucleus=nucleus)
         return jnp.where(done, self.pad_id, new), cache
 
     def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, item_mask, image_sizes=None):
@@ -240,7 +273,7 @@ class Generator:
             "visual_cache": vc.get("visual_cache", {}) if modulated else {},
         }
 
-    def _decode_fn(self, params, cache, state, rng, temperature, top_p, *, greedy, top_k):
+    def _decode_fn(self, params, cache, state, rng, temperature, top_p, *, greedy, top_k, nucleus):
         self.num_traces["decode"] += 1
         n, stops, pad = self.max_new_tokens, jnp.asarray(self.stop_ids, jnp.int32), self.pad_id
         B = state["mask"].shape[0]
@@ -254,7 +287,7 @@ class Generator:
             return self._next_logits(variables, state, tok, cache, i, reuse)
 
         def choose(logits, i):
-            return sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p)
+            return sample(logits, jax.random.fold_in(rng, i), greedy, top_k, temperature, top_p, nucleus=nucleus)
 
         tok = choose(state["logits"], 0)
         done = is_stop(tok)

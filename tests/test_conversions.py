@@ -323,6 +323,8 @@ VARIANTS = {
     "mlp-final-pool2": dict(conditioner=dict(type="mlp", final_norm=True), projector=dict(pool=2)),
     "conv-every2-shift-scan": dict(conditioner=dict(type="conv", every=2, offset=1, params=("shift",)), projector=dict(), scan=True),
     "shared-attn-scale-linear": dict(conditioner=dict(shared=True, norms=("attn",), params=("scale",)), projector=dict(type="linear")),
+    "kv-share-all-scan": dict(conditioner=dict(kv_share="all"), projector=dict(), scan=True),
+    "kv-share-1-final": dict(conditioner=dict(kv_share="1", final_norm=True, norms=("mlp",)), projector=dict()),
 }
 
 
@@ -359,7 +361,7 @@ def test_torch_reference_matches_jax(hf, tmp_path, variant):
 
     _, back = importer.import_hf(lavi_dir=out)
     assert_trees_equal(back, params)
-    if variant == "attention":  # weights saved from PyTorch import back too
+    if variant in ("attention", "kv-share-1-final"):  # weights saved from PyTorch import back too
         ref_model.save_pretrained(str(tmp_path / "from_torch"))
         _, back = importer.import_hf(lavi_dir=str(tmp_path / "from_torch"))
         assert_trees_equal(back, params)

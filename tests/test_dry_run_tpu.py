@@ -45,6 +45,12 @@ def test_tiny_dry_run_on_a_v5e_slice(tmp_path):
         train["tokens"] / train["seconds_lower_bound"])
     assert train["compiler_seconds_estimate"] is None  # the scanned step has loops: no estimate
     assert r["programs"]["decode"]["steps"] == 4
+    decode = r["programs"]["decode"]  # one step's traffic beside reading the decoder, KV and visual caches once
+    parts = decode["read_once_parts"]
+    assert decode["read_once_bytes_per_step"] == sum(parts.values()) and parts["kv_cache"] > 0
+    assert decode["bytes_accessed_per_step"] >= parts["kv_cache"] + parts["decoder_params"]  # reads them at least once
+    assert decode["bytes_accessed_over_read_once"] == pytest.approx(decode["bytes_accessed_per_step"] / sum(parts.values()))
+    assert decode["seconds_per_step_bandwidth_bound"] == pytest.approx(decode["bytes_accessed_per_step"] / 819e9)
 
     # Every layer and micro-batch counted: the unrolled, un-accumulated step compiled for one CPU device.
     unrolled = tiny(scan=False)
@@ -146,3 +152,13 @@ def test_7b_step_on_v5e_64_with_splash_and_xla():
     mesh = topology.make_mesh(_7b("splash").mesh.to_dict(), "v5e:8x8")
     assert "tpu_custom_call" in dry_run_module._train_lowered(_7b("splash"), mesh)[0].as_text()
     print({a: r["temp_bytes_per_device"] / 2**30 for a, r in reports.items()})
+
+
+def test_generation_is_sized_for_anyres_items():
+    """LaVi-HD's generation programs take 1 + max_crops frames per image (the base image and its crops)."""
+    from lavi_jax import configs
+    from lavi_jax.train.dry_run import generation_frames
+    hd = configs.get("configs/lavi_qwen2_7b_siglip.py:hd")
+    assert generation_frames(hd.model, hd.data) == 1 + hd.model.anyres.max_crops == 37
+    plain = configs.get("configs/lavi_qwen2_7b_siglip.py")
+    assert generation_frames(plain.model, plain.data) == plain.data.num_frames

@@ -17,7 +17,10 @@ Three tensor families are mapped:
   format read by ``conversions.torch_lavi``: ``projector.*`` and, for a
   modulated HF norm at ``model.layers.{i}.input_layernorm``, its conditioner at
   ``model.layers.{i}.input_layernorm.conditioner.*`` (``model.norm.conditioner.*``
-  for the final norm, ``shared_conditioner.*`` when one conditioner is shared).
+  for the final norm, ``shared_conditioner.*`` when one conditioner is shared),
+  and with ``conditioner.kv_share`` the shared visual key / value projections
+  of group g at ``conditioner_kv.{g}.k_proj`` / ``.v_proj`` (a shared
+  conditioner's stay ``shared_conditioner.k_proj`` / ``.v_proj``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from lavi_jax.models.conditioner import kv_share_groups
 from lavi_jax.models.decoder import modulated_layers, scan_block_size
 
 
@@ -161,12 +165,13 @@ def newline_rules(model_cfg) -> list[Rule]:
     return [Rule("image_newline", "image_newline", COPY)]
 
 
-def conditioner_rules(cfg) -> list[Rule]:
-    """One conditioner's tensors, relative to the conditioner (torch ``nn.Linear`` / ``nn.Conv2d`` names)."""
+def conditioner_rules(cfg, own_kv: bool = True) -> list[Rule]:
+    """One conditioner's tensors, relative to the conditioner (torch ``nn.Linear`` / ``nn.Conv2d`` names);
+    ``own_kv=False``: an attention conditioner whose visual keys / values are shared (see ``conditioner_entries``)."""
     o_proj = [Rule("o_proj/bias", "o_proj.bias", FLAT)]
     if cfg.type == "attention":
         return o_proj + [Rule("o_proj/kernel", "o_proj.weight", LINEAR2)] + [
-            Rule(f"{p}/kernel", f"{p}.weight", LINEAR) for p in ("q_proj", "k_proj", "v_proj")]
+            Rule(f"{p}/kernel", f"{p}.weight", LINEAR) for p in (("q_proj", "k_proj", "v_proj") if own_kv else ("q_proj",))]
     if cfg.type in ("mlp", "conv"):
         rules = o_proj + [
             Rule("o_proj/kernel", "o_proj.weight", LINEAR),
@@ -254,16 +259,20 @@ def conditioner_entries(model_cfg) -> list[Entry]:
     if model_cfg.fusion != "modulation":
         return []
     cond = model_cfg.conditioner
-    rules = conditioner_rules(cond)
+    groups = len(set(kv_share_groups(cond, modulated_layers(cond, model_cfg.llm.num_layers)).values()))
+    rules = conditioner_rules(cond, own_kv=not groups)
+    kv = [Entry(("conditioner_kv", f"{p}_{g}", "kernel"), None,
+                f"shared_conditioner.{p}.weight" if cond.shared else f"conditioner_kv.{g}.{p}.weight", LINEAR)
+          for g in range(groups) for p in ("k_proj", "v_proj")]
     if cond.shared:
-        return expand(rules, num_layers=0, jax_prefix="llm/shared_conditioner/", hf_prefix="shared_conditioner.")
+        return kv + expand(rules, num_layers=0, jax_prefix="llm/shared_conditioner/", hf_prefix="shared_conditioner.")
     layered = [Rule(f"layers_{{i}}/{NORMS[n]}/conditioner/{r.jax}", f"model.layers.{{i}}.{NORMS[n]}.conditioner.{r.hf}", r.hook)
                for n in ("attn", "mlp") if n in cond.norms for r in rules]
     out = expand(layered, num_layers=model_cfg.llm.num_layers, jax_prefix="llm/", block=_block(model_cfg),
                  layers=modulated_layers(cond, model_cfg.llm.num_layers))
     if cond.final_norm:
         out += expand(rules, num_layers=0, jax_prefix="llm/norm/conditioner/", hf_prefix="model.norm.conditioner.")
-    return out
+    return kv + out
 
 
 def lavi_entries(model_cfg) -> list[Entry]:

@@ -180,7 +180,9 @@ class Attention(nn.Module):
     implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=0):
+        """``cache``: the whole stacked ``{"k", "v"}`` [L, B, S, K, D]; this layer writes its keys and values at
+        ``[layer, :, cache_index:]`` in place and returns the updated buffers."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=c.attention_bias)
         q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
@@ -190,10 +192,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
         new_cache = None
-        if cache is not None:  # functional KV cache: write this chunk at cache_index, attend over all of it
-            ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-            new_cache, k, v = {"k": ck, "v": cv}, ck.astype(self.dtype), cv.astype(self.dtype)
+        if cache is not None:
+            new_cache = {"k": write_cache(cache["k"], layer, k, cache_index),
+                         "v": write_cache(cache["v"], layer, v, cache_index)}
+            if not mask.aligned:  # decoding: attend over every slot of this layer's cache (masked as it says)
+                k, v = new_cache["k"][layer].astype(self.dtype), new_cache["v"][layer].astype(self.dtype)
+            # aligned (a prefill at index 0): the chunk attends to itself alone, as splash / cuDNN serve it
         out = attention(q, k, v, mask, scale=c.head_dim**-0.5, implementation=self.implementation)
         out = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), name="o_proj", dtype=self.dtype, param_dtype=self.param_dtype)(out)
         return out, new_cache
@@ -222,12 +226,12 @@ class DecoderLayer(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, h, positions, mask, visual=None, cache=None, cache_index=None):
+    def __call__(self, h, positions, mask, visual=None, cache=None, cache_index=None, layer=0):
         c = self.cfg
         norms = () if self.cond is None else tuple(self.cond.norms)
         kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, shared=self.shared, attention=self.attention)
         x = RMSNorm(conditioner=self.cond if "attn" in norms else None, name="input_layernorm", **kw)(h, visual)
-        attn, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention, name="self_attn")(x, positions, mask, cache, cache_index)
+        attn, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention, name="self_attn")(x, positions, mask, cache, cache_index, layer)
         h = sharding.constrain(h + attn, ("batch", "length", "embed"))
         x = RMSNorm(conditioner=self.cond if "mlp" in norms else None, name="post_attention_layernorm", **kw)(h, visual)
         h = sharding.constrain(h + MLP(c, self.dtype, self.param_dtype, name="mlp")(x), ("batch", "length", "embed"))
@@ -235,7 +239,10 @@ class DecoderLayer(nn.Module):
 
 
 class Block(nn.Module):
-    """``len(conds)`` consecutive decoder layers: the unit of ``nn.scan``."""
+    """``len(conds)`` consecutive decoder layers: the unit of ``nn.scan``.
+
+    The carry is ``(h, cache)``: the whole stacked KV cache travels in the loop's carry and each layer updates it
+    in place at its own index (``first`` + j), so a decode step writes one token per layer, not a new cache."""
 
     cfg: Any
     conds: tuple = (None,)
@@ -244,14 +251,12 @@ class Block(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, h, cache, positions, mask, visual, cache_index):
-        new_caches = []
+    def __call__(self, carry, first, positions, mask, visual, cache_index):
+        h, cache = carry
         for j, cond in enumerate(self.conds):
-            layer_cache = None if cache is None else jax.tree.map(lambda a: a[j], cache)
-            h, nc = DecoderLayer(self.cfg, cond, self.dtype, self.param_dtype, attention=self.attention, name=f"layers_{j}")(h, positions, mask, visual, layer_cache, cache_index)
-            new_caches.append(nc)
-        stacked = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
-        return h, stacked
+            h, cache = DecoderLayer(self.cfg, cond, self.dtype, self.param_dtype, attention=self.attention,
+                                    name=f"layers_{j}")(h, positions, mask, visual, cache, cache_index, first + j)
+        return (h, cache), None
 
 
 class Decoder(nn.Module):
@@ -262,8 +267,9 @@ class Decoder(nn.Module):
     (S = T, or the cache length when decoding); ``query_index`` [B, T] is each
     query's index in that key sequence (default ``arange(T)``; without a cache
     queries are keys 0..T-1, so it must be ``arange(T)`` there). ``cache`` is
-    ``{"k", "v"}`` with a leading layer axis [L, B, S, K, D]; the output carries
-    the updated one. ``logits_at`` [B, T'] (indices into the T queries)
+    ``{"k", "v"}`` with a leading layer axis [L, B, S, K, D], updated in place at
+    ``cache_index`` (an int, or per-row int32 [B]); the output carries it. A call
+    at the static index 0 is a prefill: it attends to its own tokens and writes them. ``logits_at`` [B, T'] (indices into the T queries)
     computes the final norm and the head only at those positions. ``segment_ids``
     [B, T] (packed rows, no cache): queries see only keys of their own segment.
     """
@@ -327,32 +333,28 @@ class Decoder(nn.Module):
         B, T = h.shape[:2]
         S = T if cache is None else cache["k"].shape[2]
         if query_index is None:
-            start = 0 if cache_index is None else cache_index
-            query_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+            query_index = query_indices(cache_index, B, T)
         if attention_mask is None:
             attention_mask = jnp.ones((B, S), jnp.bool_)
         if position_ids is None:
             position_ids = query_index
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) are for uncached calls only")
-        mask = AttentionMask(query_index, attention_mask.astype(jnp.bool_), segment_ids, segment_ids,
-                             aligned=cache is None).with_dense()  # one dense mask for every layer
+        # A call without a cache, or a prefill written at index 0 of an empty one, is aligned (query t is key t): it
+        # attends to its own keys (splash / cuDNN can serve it) and the prefill then writes them into the cache.
+        prefill = cache is not None and isinstance(cache_index, int) and cache_index == 0
+        keys = attention_mask[:, :T] if prefill else attention_mask
+        mask = AttentionMask(query_index, keys.astype(jnp.bool_), segment_ids, segment_ids,
+                             aligned=cache is None or prefill).with_dense()  # one dense mask for every layer
 
-        new_cache = None
         if self.scan_layers:
             k = scan_block_size(self.cond, c.num_layers)
-            blk_cache = None if cache is None else jax.tree.map(lambda a: a.reshape((c.num_layers // k, k) + a.shape[1:]), cache)
-            h, new_cache = self.blocks(h, blk_cache, position_ids, mask, visual, cache_index)
-            if cache is not None:
-                new_cache = jax.tree.map(lambda a: a.reshape((c.num_layers,) + a.shape[2:]), new_cache)
+            firsts = jnp.arange(0, c.num_layers, k, dtype=jnp.int32)  # each block's first layer: its cache index
+            (h, new_cache), _ = self.blocks((h, cache), firsts, position_ids, mask, visual, cache_index)
         else:
-            caches = []
+            new_cache = cache
             for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-                h, nc = layer(h, position_ids, mask, visual, layer_cache, cache_index)
-                caches.append(nc)
-            if cache is not None:
-                new_cache = jax.tree.map(lambda *a: jnp.stack(a), *caches)
+                h, new_cache = layer(h, position_ids, mask, visual, new_cache, cache_index, i)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
             if visual is not None:
@@ -365,6 +367,38 @@ class Decoder(nn.Module):
             logits = self.lm_head(h)
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return DecoderOutput(logits=logits, hidden=h, cache=new_cache)
+
+
+def query_indices(cache_index, batch: int, length: int) -> jax.Array:
+    """[B, T] each query's index in the key sequence: ``cache_index + arange(T)``; ``cache_index`` None (no cache),
+    an int, a scalar or a per-row int32 [B] (continuous batching: each row writes at its own index)."""
+    start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+    start = start[:, None] if start.ndim == 1 else start
+    return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def write_cache(buf: jax.Array, layer, new: jax.Array, index) -> jax.Array:
+    """``buf`` [L, B, S, K, D] with ``new`` [B, T, K, D] written at layer ``layer`` and sequence ``index`` (an int or
+    scalar: every row; int32 [B]: per-row). One in-place update of a donated / loop-carried buffer; per-row writes
+    past S are dropped."""
+    new = new.astype(buf.dtype)
+    layer = jnp.asarray(layer, jnp.int32)
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim == 0:
+        zero = jnp.int32(0)
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer, zero, index, zero, zero))
+    B, T = new.shape[:2]
+    rows = jnp.arange(B, dtype=jnp.int32)[:, None]
+    cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # per-row write positions [B, T]
+    return buf.at[layer, rows, cols].set(new, mode="drop")
+
+
+def visual_cache_batch_axes(visual_cache: Any) -> Any:
+    """The batch axis of every leaf of a ``visual_cache`` collection: 1 under scanned layers (``blocks``, which
+    lead with their layer axis), else 0. For writing one request's rows into a batch's slots."""
+    def axis(path, _):
+        return 1 if any(getattr(k, "key", None) == "blocks" for k in path) else 0
+    return jax.tree_util.tree_map_with_path(axis, visual_cache)
 
 
 def init_cache(cfg: Any, batch: int, length: int, dtype=jnp.float32) -> dict:

@@ -31,9 +31,11 @@ always returns a :class:`~lavi_jax.models.decoder.DecoderOutput` (``logits``,
 values are written at ``cache_index`` and ``attention_mask`` covers the cache's
 S keys; for a concat call with ``pixel_values`` it covers the T text tokens
 and the expanded prefix (:func:`lavi_jax.models.splice.splice_layout`) is
-written at index 0. With the ``visual_cache`` collection mutable, each
-conditioner stores its visual keys/values; with ``use_visual_cache=True`` they
-are read back instead of running the vision tower.
+written at index 0. With the ``visual_cache`` collection mutable, the
+conditioners store what decoding needs (the items' placeholder indices, the
+visual keys/values per conditioner or per ``kv_share`` group, the mlp / conv
+summaries); with ``use_visual_cache=True`` they are read back instead of
+running the vision tower. The [B, T, S] visibility mask is built once per call.
 
 * ``fusion="modulation"``: every modulated RMSNorm of the LLM receives deltas
   from its conditioner; text token t sees item k iff item k's placeholder sits
@@ -66,8 +68,8 @@ import jax.numpy as jnp
 from ml_collections import FrozenConfigDict
 
 from lavi_jax.data.anyres import max_grid
-from lavi_jax.models.conditioner import NO_ITEM, VisualContext
-from lavi_jax.models.decoder import Decoder, DecoderOutput
+from lavi_jax.models.conditioner import NO_ITEM, VisualContext, VisualKV, kv_share_groups, visible_mask
+from lavi_jax.models.decoder import Decoder, DecoderOutput, modulated_layers, query_indices
 from lavi_jax.models.layers import dtype_of
 from lavi_jax.models.projector import Projector, tokens_per_frame
 from lavi_jax.models import anyres
@@ -109,6 +111,18 @@ class LaVi(nn.Module):
             width = c.conditioner.width if modulation else c.llm.hidden_size
             tile_grid = max_grid(c.anyres.pinpoints, c.vision.image_size) if self._hd else (0, 0)
             self.projector = Projector(c.projector, width, "cond_embed" if modulation else "embed", dt, pdt, tile_grid)
+        if modulation:
+            groups = self._kv_groups
+            if c.scan_layers and len(set(groups.values())) > 1:
+                raise ValueError(f"conditioner.kv_share={c.conditioner.get('kv_share')!r} gives several K/V groups, which "
+                                 "scan_layers=True cannot tell apart; use kv_share='all' or scan_layers=False")
+            self.conditioner_kv = VisualKV(c.conditioner, len(set(groups.values())), dt, pdt)
+
+    @property
+    def _kv_groups(self) -> dict:
+        """Modulated layer (None: the final norm) -> its shared visual K/V group (``{}``: each norm its own)."""
+        c = self.config
+        return kv_share_groups(c.conditioner, modulated_layers(c.conditioner, c.llm.num_layers))
 
     @property
     def _hd(self) -> bool:
@@ -150,15 +164,18 @@ class LaVi(nn.Module):
             return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at,
                                 segment_ids, image_sizes)
 
-        start = 0 if cache_index is None else cache_index
-        query_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        query_index = query_indices(cache_index, B, T)
+        start = query_index[:, :1, None]  # [B, 1, 1] each row's first index (per row when continuously batched)
         if position_ids is None and segment_ids is not None:
             position_ids = segment_positions(segment_ids, attention_mask)
         elif position_ids is None:
             position_ids = query_index if cache is not None else default_positions(attention_mask)
         visual = None
         if c.fusion == "modulation" and use_visual_cache:
-            visual = VisualContext(None, None, query_index)
+            key_index, kv = self.conditioner_kv(None)
+            visible = visible_mask(key_index, query_index, tokens_per_frame(c))
+            visual = VisualContext(None, key_index, query_index, visible=visible, kv=kv or None,
+                                   kv_group=tuple(self._kv_groups.items()))
         elif c.fusion == "modulation" and pixel_values is not None:
             tile_cols = None
             if self._hd and image_sizes is None and not self.is_initializing():
@@ -176,7 +193,10 @@ class LaVi(nn.Module):
                 query_segment = segment_ids.astype(jnp.int32)
                 placeholder = jnp.take_along_axis(query_segment, jnp.where(pos < NO_ITEM, pos, 0), axis=1)  # [B, N]
                 key_segment = jnp.broadcast_to(placeholder[:, :, None], key_index.shape)
-            visual = VisualContext(tokens, key_index.astype(jnp.int32), query_index, grid, key_segment, query_segment)
+            key_index, kv = self.conditioner_kv(tokens, key_index.astype(jnp.int32))
+            visible = visible_mask(key_index, query_index, tokens.shape[3], key_segment, query_segment)
+            visual = VisualContext(tokens, key_index, query_index, grid, key_segment, query_segment, visible,
+                                   kv or None, tuple(self._kv_groups.items()))
         return self.llm(input_ids, visual=visual, logits_at=logits_at, attention_mask=attention_mask,
                         position_ids=position_ids, query_index=query_index, cache=cache, cache_index=cache_index,
                         segment_ids=segment_ids)

@@ -42,6 +42,7 @@ import numpy as np
 from lavi_jax import sharding, storage
 from lavi_jax.data.batch import BatchSpec
 from lavi_jax.generate import Generator
+from lavi_jax.models import anyres
 from lavi_jax.models.lavi import LaVi
 from lavi_jax.train import topology as topo
 from lavi_jax.train.step import jit_train_step
@@ -160,7 +161,8 @@ def train_program(config, mesh, chip, *, flops: bool = True) -> dict:
 
 
 def _generation_inputs(config, mesh, batch: int, prompt_len: int, frames: int):
-    """Abstract (params, ids, mask, pixels, item_mask), the batch sharded where it divides over the mesh."""
+    """Abstract (params, ids, mask, pixels, item_mask[, image_sizes]), the batch sharded where it divides over the
+    mesh; image_sizes [B, N, 2] for an anyres model."""
     m, d = config.model, config.data
     model = LaVi(m)
     shapes, specs = sharding.abstract_params(model, jnp.zeros((1, 8), jnp.int32))
@@ -177,7 +179,8 @@ def _generation_inputs(config, mesh, batch: int, prompt_len: int, frames: int):
         s = m.vision.image_size
         pix = arr((batch, int(d.max_images), frames, s, s, 3), jnp.float32)
         im = arr((batch, int(d.max_images), frames), jnp.bool_)
-    return model, params, (ids, mask, pix, im)
+    sizes = (arr((batch, int(d.max_images), 2), jnp.int32),) if m.fusion != "none" and anyres.enabled(m) else ()
+    return model, params, (ids, mask, pix, im) + sizes
 
 
 def _generation_lowered(config, mesh, batch, prompt_len, frames, new_tokens):
@@ -193,10 +196,11 @@ def _generation_lowered(config, mesh, batch, prompt_len, frames, new_tokens):
         vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)
         rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-        fn = jax.jit(gen._step_fn, static_argnames=("greedy", "top_k"), donate_argnames=("cache",))
+        fn = jax.jit(gen._step_fn, static_argnames=("greedy", "top_k", "nucleus"), donate_argnames=("cache",))
         with sharding.use_mesh(mesh):
             return fn.lower(params, cache, rest, vec, jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rep), rng,
-                            scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32), greedy=True, top_k=0)
+                            scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32), greedy=True, top_k=0,
+                            nucleus=False)
 
     return prefill, step, params
 
@@ -228,6 +232,8 @@ def generation_programs(config, mesh, chip, *, batch: int, prompt_len: int, fram
         f_step = float(_cost(f_step_fn(f_state)).get("flops", 0.0))
         r = _measured(step_c, time.time() - t0, f_step * steps, mesh.size, chip, params=bytes_per_device(params))
         r["steps"] = steps
+        r.update(decode_traffic(config, mesh, chip, batch=batch, prompt_len=prompt_len, frames=frames,
+                                new_tokens=new_tokens, state=prefill_c.out_info))
         if r["compiler_seconds_estimate"] is not None:
             r["compiler_seconds_estimate"] *= steps
         if "seconds_lower_bound" in r:
@@ -236,7 +242,63 @@ def generation_programs(config, mesh, chip, *, batch: int, prompt_len: int, fram
     return out
 
 
+def decode_loop_lowered(gen: Generator, params, state, mesh):
+    """Generator's whole decode loop (the program eval and ``predict`` run) lowered for a prefill's outputs."""
+    rest = {k: v for k, v in state.items() if k != "cache"}
+    rep = sharding.replicated(mesh)
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    with sharding.use_mesh(mesh):
+        return gen._decode.lower(params, state["cache"], rest, rng, scalar, scalar, greedy=True, top_k=0, nucleus=False)
+
+
+def decode_traffic(config, mesh, chip, *, batch: int, prompt_len: int, frames: int, new_tokens: int,
+                   state=None) -> dict:
+    """One decode step's memory traffic per device: the compiler's bytes accessed beside the read-once floor (the
+    decoder's weights, the KV cache and the visual cache read once each) and their ratio.
+
+    Counted on Generator's decode loop with unrolled layers, on ``mesh``: XLA counts a loop body once, so the
+    figure is one token's step plus what the program does once per generation (the first token's sampling, layout
+    changes of the cache on entry and exit). ``state``: the prefill's compiled outputs when ``config`` is already
+    unrolled. It also counts the chip's on-chip copies of weights (prefetches into
+    faster memory), so it bounds the HBM traffic from above."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.scan_layers = False
+    model, params, inputs = _generation_inputs(c, mesh, batch, prompt_len, frames)
+    gen = Generator(model, max_new_tokens=new_tokens)
+    if state is None or config.model.scan_layers:  # the prefill's outputs as the unrolled model lays them out
+        with sharding.use_mesh(mesh):
+            prefill, refused = _compile(jax.jit(gen.prefill).lower(params, *inputs), chip, mesh.devices.flat[0])
+        if refused:
+            return {}
+        state = prefill.out_info
+    compiled, refused = _compile(decode_loop_lowered(gen, params, state, mesh), chip, mesh.devices.flat[0])
+    if refused:
+        return {}
+    accessed = float(_cost(compiled).get("bytes accessed", 0.0))
+    if accessed <= 0:  # the GPU compiler has no cost model
+        return {}
+    parts = {"decoder_params": bytes_per_device(params["llm"]), "kv_cache": bytes_per_device(state["cache"]),
+             "visual_cache": bytes_per_device(state["visual_cache"])}
+    floor = sum(parts.values())
+    out = {"bytes_accessed_per_step": accessed, "read_once_bytes_per_step": floor, "read_once_parts": parts,
+           "bytes_accessed_over_read_once": accessed / floor}
+    if chip is not None and chip.hbm_bytes_per_second:
+        out["seconds_per_step_bandwidth_bound"] = accessed / chip.hbm_bytes_per_second
+    return out
+
+
 # ----------------------------------------------------------------------------- the dry run
+
+
+def generation_frames(model_cfg, data_cfg) -> int:
+    """Frames per visual item the generation programs are sized for: an anyres image is 1 + ``max_crops`` frames
+    (the base image and its crops), a video ``data.num_frames``."""
+    frames = int(data_cfg.num_frames)
+    if model_cfg.fusion != "none" and anyres.enabled(model_cfg):
+        frames = max(frames, 1 + int(model_cfg.anyres.max_crops))
+    return frames
 
 
 def parse_programs(value) -> tuple[str, ...]:
@@ -276,7 +338,7 @@ def dry_run(config, mesh=None, *, topology: str | None = None, programs=None, re
         ev = config.evals
         report["programs"].update(generation_programs(
             config, mesh, chip, batch=int(ev.batch_size or config.train.batch_size),
-            prompt_len=int(max(config.data.seq_buckets)), frames=int(config.data.num_frames),
+            prompt_len=int(max(config.data.seq_buckets)), frames=generation_frames(m, config.data),
             new_tokens=int(ev.max_new_tokens), programs=gen))
     fits = [r["fits"] for r in report["programs"].values() if "fits" in r]
     report["fits"] = all(fits) if fits else None
@@ -329,4 +391,10 @@ def format_report(r: dict) -> str:
             lines.append(f"    time at peak >= {p['seconds_lower_bound'] * 1e3:.3g} ms{extra}")
         if p["compiler_seconds_estimate"] is not None:
             lines.append(f"    compiler's estimate {p['compiler_seconds_estimate'] * 1e3:.3g} ms")
+        if "bytes_accessed_per_step" in p:
+            bound = (f", >= {p['seconds_per_step_bandwidth_bound'] * 1e3:.3g} ms at HBM bandwidth"
+                     if "seconds_per_step_bandwidth_bound" in p else "")
+            lines.append(f"    one step accesses {gib(p['bytes_accessed_per_step']).strip()} per device, "
+                         f"{p['bytes_accessed_over_read_once']:.2f}x the read-once floor "
+                         f"{gib(p['read_once_bytes_per_step']).strip()} (decoder weights, KV and visual caches){bound}")
     return "\n".join(lines)

@@ -40,18 +40,20 @@ class Chip:
     accelerator_type: str  # Cloud TPU's accelerator-type prefix, e.g. v5litepod (-<chips>)
     per_core: bool = False  # accelerator types count TensorCores (2 per chip), not chips
     platform: str = "tpu"  # "tpu" | "gpu"
+    hbm_bytes_per_second: float = 0.0  # spec-sheet HBM bandwidth per chip (the decode step's time bound)
 
 
 # Spec-sheet HBM and peak bf16 compute per chip from Google Cloud's TPU system-architecture pages
 # (https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GB,
-# 197 TFLOP/s; v5p 95 GB, 459 TFLOP/s; v6e 32 GB, 918 TFLOP/s. The usable HBM is libtpu 0.0.42.1's own
+# 197 TFLOP/s; v5p 95 GB, 459 TFLOP/s; v6e 32 GB, 918 TFLOP/s; HBM bandwidth v4 1,228 GB/s, v5e 819 GB/s,
+# v5p 2,765 GB/s, v6e 1,640 GB/s. The usable HBM is libtpu 0.0.42.1's own
 # figure, read off its out-of-memory error for an oversized program ("available HBM (15.75G)" on v5e):
 # the runtime keeps the rest (tests/test_dry_run_tpu.py checks every chip's figure against the compiler).
 CHIPS = {c.name: c for c in (
-    Chip("v4", "TPU v4", int(15.25 * GiB), 32 * GiB, 275e12, "v4", per_core=True),
-    Chip("v5e", "TPU v5 lite", int(15.75 * GiB), 16 * GiB, 197e12, "v5litepod"),
-    Chip("v5p", "TPU v5", int(95.74 * GiB), 95 * GiB, 459e12, "v5p", per_core=True),
-    Chip("v6e", "TPU v6 lite", int(31.25 * GiB), 32 * GiB, 918e12, "v6e"),
+    Chip("v4", "TPU v4", int(15.25 * GiB), 32 * GiB, 275e12, "v4", per_core=True, hbm_bytes_per_second=1228e9),
+    Chip("v5e", "TPU v5 lite", int(15.75 * GiB), 16 * GiB, 197e12, "v5litepod", hbm_bytes_per_second=819e9),
+    Chip("v5p", "TPU v5", int(95.74 * GiB), 95 * GiB, 459e12, "v5p", per_core=True, hbm_bytes_per_second=2765e9),
+    Chip("v6e", "TPU v6 lite", int(31.25 * GiB), 32 * GiB, 918e12, "v6e", hbm_bytes_per_second=1640e9),
 )}
 EXAMPLES = ("v4:2x2x1", "v5e:8x8", "v5p:4x4x4", "v6e:8x8")
 
@@ -59,18 +61,21 @@ EXAMPLES = ("v4:2x2x1", "v5e:8x8", "v5p:4x4x4", "v6e:8x8")
 # specs: H100 80 GB 79.1 GiB, H200 141 GB 141.0 GiB, A100 80 GB 79.3 GiB, B200 178.4 GiB). A jax process's allocator
 # gets a fraction of it, XLA_PYTHON_CLIENT_MEM_FRACTION (jax's default 0.75; "fits" is judged against that share,
 # read from the environment when this module is imported). Dense (not 2:4 sparse) bf16 tensor-core peak per GPU from
-# NVIDIA's data sheets (H100 SXM5 and H200 SXM: 989 TFLOP/s; A100 SXM4: 312 TFLOP/s; HGX B200: 2.25 PFLOP/s).
+# NVIDIA's data sheets (H100 SXM5 and H200 SXM: 989 TFLOP/s; A100 SXM4: 312 TFLOP/s; HGX B200: 2.25 PFLOP/s), and
+# their HBM bandwidth (3.35, 4.8, 2.039 and 8 TB/s).
 GPU_MEMORY_FRACTION = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
 
 
-def _gpu(name: str, peak: float) -> Chip:
+def _gpu(name: str, peak: float, bandwidth: float) -> Chip:
     from lavi_jax.train import gpu_targets
 
     t = gpu_targets.TARGETS[name]
-    return Chip(name, t.device_kind, int(GPU_MEMORY_FRACTION * t.memory_bytes), t.memory_bytes, peak, "", platform="gpu")
+    return Chip(name, t.device_kind, int(GPU_MEMORY_FRACTION * t.memory_bytes), t.memory_bytes, peak, "", platform="gpu",
+                hbm_bytes_per_second=bandwidth)
 
 
-GPUS = {c.name: c for c in (_gpu("h100", 989e12), _gpu("h200", 989e12), _gpu("a100", 312e12), _gpu("b200", 2250e12))}
+GPUS = {c.name: c for c in (_gpu("h100", 989e12, 3.35e12), _gpu("h200", 989e12, 4.8e12), _gpu("a100", 312e12, 2.039e12),
+                             _gpu("b200", 2250e12, 8e12))}
 GPU_EXAMPLES = ("h100:1x8", "h100:1x2x8", "h200:1x1x8", "a100:1x1x8", "b200:1x1x8")
 
 
