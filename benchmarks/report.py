@@ -1,4 +1,4 @@
-"""The benchmark table, result files, plot and BENCHMARKS.md (rebuilt from every result file of the suite)."""
+"""The benchmark table, result files and BENCHMARKS.md with its plots (rebuilt from every result file of the suite)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ def rows(r: dict) -> list[tuple[str, ...]]:
                         f"JAX/PT {s['ratio']:.2f}", "JAX/PT < 1"))
     if "tpu" in r:
         out += tpu_rows(r["tpu"])
+    if "serve" in r:
+        out += serve_rows(r["serve"])
     if "gpu_compile" in r:
         from benchmarks import gpu_compile  # the GPU compiler's rows, kept beside the benchmark that makes them
 
@@ -100,6 +102,29 @@ def rows(r: dict) -> list[tuple[str, ...]]:
             out.append((f"7B step per chip on {d['topology']}, packed vs bucketed (TPU compiler)", d["preset"],
                         f"packed {_gib(pk['peak_bytes_per_chip'])}", f"bucketed {_gib(bk['peak_bytes_per_chip'])}",
                         _ratio(pk["peak_bytes_per_chip"], bk["peak_bytes_per_chip"]), "fits" if pk.get("fits") else ""))
+    return out
+
+
+def serve_rows(v: dict) -> list[tuple[str, ...]]:
+    """The OpenAI server under closed-loop clients, LaVi vs concat (benchmarks/serve.py)."""
+    out, st = [], v["settings"]
+    lv = {row["clients"]: row for row in v.get("modulation", {}).get("rows", [])}
+    cc = {row["clients"]: row for row in v.get("concat", {}).get("rows", [])}
+    where = f"{st['requests']} requests, <= {st['max_tokens']} tokens, {st['slots']} slots"
+    for c in sorted(set(lv) | set(cc)):
+        a, b = lv.get(c, {}), cc.get(c, {})
+        get = lambda row, k, f: f.format(row[k]) if k in row else "n/a"
+        out.append(("Serving output tokens/s (CPU, demo model)", f"{c} clients; {where}",
+                    f"LaVi {get(a, 'tokens_per_s', '{:.1f}')} ({get(a, 'speedup_vs_one_at_a_time', '{:.2f}x')})",
+                    f"concat {get(b, 'tokens_per_s', '{:.1f}')} ({get(b, 'speedup_vs_one_at_a_time', '{:.2f}x')})",
+                    "", ">= 4x at 16 clients"))
+        out.append(("Serving time to first token p50 / p99", f"{c} clients",
+                    f"LaVi {get(a, 'ttft_p50_s', '{:.3f}')} / {get(a, 'ttft_p99_s', '{:.3f}')} s",
+                    f"concat {get(b, 'ttft_p50_s', '{:.3f}')} / {get(b, 'ttft_p99_s', '{:.3f}')} s",
+                    _ratio(a.get("ttft_p50_s"), b.get("ttft_p50_s")), ""))
+        out.append(("Serving latency p50 / p99", f"{c} clients",
+                    f"LaVi {get(a, 'latency_p50_s', '{:.3f}')} / {get(a, 'latency_p99_s', '{:.3f}')} s",
+                    f"concat {get(b, 'latency_p50_s', '{:.3f}')} / {get(b, 'latency_p99_s', '{:.3f}')} s", "", ""))
     return out
 
 
@@ -224,55 +249,29 @@ def write_json(r: dict, directory: str) -> str:
     return path
 
 
-# ----------------------------------------------------------------------------- plot
+# ----------------------------------------------------------------------------- result files
 
 
 def plot(r: dict, directory: str) -> str | None:
-    """FLOPs per sample vs visual tokens (7B) and end-to-end latency vs visual tokens, both fusions."""
-    try:
-        import matplotlib
+    """Writes ``<directory>/<name>.png`` (:mod:`benchmarks.plots`); -> its path, None when nothing is plotted."""
+    from benchmarks import plots  # imports this module
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return None
-    panels = [k for k in ("flops", "latency") if k in r]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, key in zip(axes[0], panels):
-        settings = [s for s in r[key]["settings"].values() if "error" not in s]
-        settings.sort(key=lambda s: s["visual_tokens"])
-        x = [s["visual_tokens"] for s in settings]
-        for fusion, style in (("lavi", "o-"), ("concat", "s--")):
-            if key == "flops":
-                y = [s[fusion]["total_flops"] / 1e12 for s in settings]
-            else:
-                y = [s["modulation" if fusion == "lavi" else "concat"]["e2e_s"] for s in settings]
-            ax.plot(x, y, style, label="LaVi (modulation)" if fusion == "lavi" else "concat (LLaVA-OV style)")
-        if key == "flops":
-            for s in settings:
-                ax.annotate(f"-{s['reduction_pct']:.1f}%", (s["visual_tokens"], s["concat"]["total_flops"] / 1e12),
-                            textcoords="offset points", xytext=(-10, 6), fontsize=8)
-            ax.set_ylabel("TFLOP per sample (prefill + 31 decode steps)")
-            ax.set_title("7B geometry: XLA cost analysis")
-            ax.set_yscale("log")
-            ax.margins(y=0.15)
-        else:
-            ax.set_ylabel("seconds, 64-token prompt + 32 new tokens")
-            where = "GPU, 7B bf16" if r["machine"]["platform"] == "gpu" else "CPU, scaled-down widths"
-            ax.set_title(f"End-to-end generation ({where})")
-        ax.set_xscale("log")
-        ax.set_xlabel("visual tokens per sample")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{r['name']}: {r['date']}", fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(directory, f"{r['name']}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.plot(r, directory)
+
+
+def results(directory: str) -> list[dict]:
+    """Every result file of the suite in ``directory``."""
+    out = []
+    for p in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(p) as f:
+            try:
+                r = json.load(f)
+            except json.JSONDecodeError:
+                continue
+        if isinstance(r, dict) and r.get("suite") == SUITE:
+            out.append(r)
+    return out
+
 
 
 # ----------------------------------------------------------------------------- BENCHMARKS.md
@@ -284,8 +283,9 @@ with this code, and lavi_jax measured against Hugging Face PyTorch. Produced by
 
     python benchmarks/run.py [--quick] [--gpu]
 
-which prints the table, writes `benchmarks/results/<name>.json` (every number, with the raw timing samples)
-and `benchmarks/results/<name>.png`, and rebuilds this file from every result file. Do not edit it by hand.
+which prints the table, writes `benchmarks/results/<name>.json` (every number, with the raw timing samples),
+and rebuilds this file and the plots `benchmarks/results/<name>.png` from every result file
+(`python -m benchmarks.report` rebuilds both without running anything). Do not edit it by hand.
 
 ## How it is measured
 
@@ -413,18 +413,13 @@ def findings(r: dict) -> list[str]:
 
 
 def write_markdown(directory: str, path: str) -> str:
-    results = []
-    for p in sorted(glob.glob(os.path.join(directory, "*.json"))):
-        with open(p) as f:
-            try:
-                r = json.load(f)
-            except json.JSONDecodeError:
-                continue
-        if isinstance(r, dict) and r.get("suite") == SUITE:
-            results.append(r)
-    results.sort(key=lambda r: (r["machine"]["platform"] != "gpu", r["date"]), reverse=True)
+    from benchmarks import plots
+
+    plots.write_plots(directory)
+    found = results(directory)
+    found.sort(key=lambda r: (r["machine"]["platform"] != "gpu", r["date"]), reverse=True)
     parts = [INTRO]
-    for r in results:
+    for r in found:
         m = r["machine"]
         where = (f"{m['device']}" if m["platform"] == "gpu" else
                  f"{m['cpu']}, {r.get('threads')} of {m['cores']} cores, {m['memory_gib']} GiB")
@@ -443,7 +438,29 @@ def write_markdown(directory: str, path: str) -> str:
         parts.append(table(rows(r)) + "\n")
         parts.append("\n".join(f"- {x}" for x in findings(r)) + "\n")
         if os.path.exists(os.path.join(directory, f"{r['name']}.png")):
-            parts.append(f"Plot (written by the run, not tracked): `benchmarks/results/{r['name']}.png`\n")
+            parts.append(f"![{r['name']}](benchmarks/results/{r['name']}.png)\n")
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.report [--plots-only]``: rebuilds the plots (and BENCHMARKS.md) from the result files."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--plots-only", action="store_true", help="rebuild the plots only, not BENCHMARKS.md")
+    args = p.parse_args(argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    directory = os.path.join(root, "benchmarks", "results")
+    from benchmarks import plots
+
+    for path in plots.write_plots(directory) if args.plots_only else []:
+        print(f"wrote {os.path.relpath(path, root)}")
+    if not args.plots_only:
+        print(f"rebuilt {os.path.relpath(write_markdown(directory, os.path.join(root, 'BENCHMARKS.md')), root)} and the plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import report
+from benchmarks import plots, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -49,3 +49,35 @@ def test_report_rows_of_the_hd_geometry_results():
     assert sum(row[0].startswith("KV + visual cache") for row in rows) == 3
     assert sum(row[0].startswith("End-to-end, 32 new tokens, OneVision") for row in rows) == len(r["hd"]["latency"])
     assert "LaVi-HD at LLaVA-OneVision-7B's geometry" in "\n".join(report.findings(r))
+
+
+def test_plots_rebuilt_from_stored_results_are_the_ones_linked(tmp_path):
+    """Every result with FLOPs, latency or TPU sections gets its plot back from its JSON alone; the README and
+    BENCHMARKS.md link only plots that exist in benchmarks/results, each under 150 kB."""
+    import re
+    import shutil
+
+    from PIL import Image
+
+    for name in os.listdir(RESULTS):
+        if name.endswith(".json"):
+            shutil.copy(os.path.join(RESULTS, name), tmp_path / name)
+    written = {os.path.basename(p) for p in plots.write_plots(str(tmp_path))}
+    plotted = set()
+    for name in os.listdir(RESULTS):
+        if name.endswith(".json"):
+            with open(os.path.join(RESULTS, name)) as f:
+                r = json.load(f)
+            if r.get("suite") == report.SUITE and {"flops", "latency", "tpu"} & set(r):
+                plotted.add(r["name"] + ".png")
+    assert written == plotted and {"cpu.png", "tpu.png"} <= written
+    for name in written:
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.width > 600
+    linked = set()
+    for doc in ("README.md", "BENCHMARKS.md"):
+        with open(os.path.join(ROOT, doc)) as f:
+            linked |= set(re.findall(r"!\[[^\]]*\]\(benchmarks/results/([^)]+\.png)\)", f.read()))
+    assert {"cpu.png", "tpu.png"} <= linked <= written
+    for name in linked:
+        assert os.path.getsize(os.path.join(RESULTS, name)) < 150_000

@@ -561,6 +561,27 @@ def test_synthetic_single_turn_kinds_and_captions(tmp_path):
             synthetic.make_scene(np.random.default_rng(0), 64, bad)
 
 
+def test_synthetic_demo_mix_asks_side_twice_as_often_and_answers_from_the_image(tmp_path):
+    """The demo's training mix (side listed twice): half the training questions ask a side, the held-out set
+    asks the three kinds in turn, and every side answer is the half of the image where the named shape's
+    colour is drawn."""
+    import collections
+
+    import lavi_jax
+
+    kinds = lavi_jax.configs.get("configs/demo.py").demo.train_kinds
+    paths = write_synthetic_vqa(str(tmp_path), num_train=40, num_eval=9, seed=3, train_kinds=tuple(kinds), grid=4,
+                                sentences=True, jitter=False)
+    train, held_out = (json.loads(open(paths[k]).read()) for k in ("train_json", "eval_json"))
+    assert collections.Counter(r["question_type"] for r in train) == {"side": 20, "colour": 10, "count": 10}
+    assert collections.Counter(r["question_type"] for r in held_out) == {"side": 3, "colour": 3, "count": 3}
+    for r in train + held_out:
+        if r["question_type"] == "side":
+            image = Image.open(os.path.join(paths["image_root"], r["image"])).convert("RGB")
+            item = next(s for s in r["scene"] if s["shape"] in r["conversations"][0]["value"])
+            assert r["answer"] == f"The {item['shape']} is on the {_analyse(image, item)[1]}."
+
+
 def test_synthetic_answers_are_balanced():
     rng = np.random.default_rng(0)
     answers = {kind: [] for kind in synthetic.QUESTION_TYPES}

@@ -21,8 +21,9 @@ Options (``write_synthetic_vqa``):
   cells; without it every shape fills the middle 75 % of its cell.
 * ``sentences``: answers restate their subject: "The circle is red.", "The
   square is on the left.", "There are two shapes."
-* ``train_kinds``: the training records' kinds, asked in turn (held-out
-  records always ask the three kinds above). Besides those, one may add
+* ``train_kinds``: the training records' kinds, asked in turn (a kind
+  listed twice is asked twice as often; held-out records always ask the
+  three kinds above in turn). Besides those, one may add
 
   - shape: "What shape is red?" -> "circle" | "square" | "triangle"
   - caption: "Describe the image." -> "red circle left, blue square right"
