@@ -1,12 +1,16 @@
 """A lavi_jax checkpoint -> Hugging Face directories PyTorch tools load as they are.
 
     python -m conversions.export_hf --ckpt CKPT_DIR --out OUT [--dtype float32|bfloat16|float16] [--max-shard-size 5GB]
+        [--merge-lora]
 
 writes ``OUT/llm`` (``AutoModelForCausalLM``, with the checkpoint's tokenizer
 files), ``OUT/vision`` (``SiglipVisionModel`` / ``CLIPVisionModel``) and
 ``OUT/lavi`` (projector and conditioner tensors, read by
 :mod:`conversions.torch_lavi` and by ``conversions.import_hf --lavi OUT``); the
-conversion is :func:`lavi_jax.hf.export_hf`.
+conversion is :func:`lavi_jax.hf.export_hf`. A LoRA checkpoint also writes PEFT
+adapter directories ``OUT/lora`` (and ``OUT/vision_lora``) for
+``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("OUT/llm"), "OUT/lora")``;
+``--merge-lora`` folds the adapters into the exported weights instead.
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory, local or a URI (llm/, vision/, lavi/)")
     p.add_argument("--dtype", choices=DTYPES, help="cast tensors (default: keep the param dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    p.add_argument("--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
+                   help="fold a LoRA checkpoint's adapters into the weights (default: PEFT adapter dirs beside them)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     a = p.parse_args(argv)
     try:
         out = fresh_output_dir(a.out, a.overwrite)
         t0 = time.time()
-        dirs = export_hf(a.ckpt, out, dtype=a.dtype, max_shard_bytes=parse_size(a.max_shard_size))
+        dirs = export_hf(a.ckpt, out, dtype=a.dtype, max_shard_bytes=parse_size(a.max_shard_size),
+                         merge_lora=a.merge_lora)
         print(f"wrote {', '.join(dirs)} in {time.time() - t0:.1f}s")
     except (ConversionError, UnsupportedModel, OSError, ValueError) as e:  # OSError: storage.StorageError too
         print(f"export_hf: error: {e}", file=sys.stderr)

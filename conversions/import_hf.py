@@ -4,6 +4,7 @@
     python -m conversions.import_hf --llava HF_DIR --out CKPT_DIR          # LLM + vision tower (+ projector)
     python -m conversions.import_hf --lavi EXPORT_DIR --out CKPT_DIR       # a conversions.export_hf directory
     python -m conversions.import_hf --llm Qwen/Qwen2-7B-Instruct --out gs://bucket/ckpt   # a Hub id, a bucket
+    python -m conversions.import_hf --llm BASE --lora ADAPTER_DIR --out CKPT_DIR   # + a PEFT LoRA adapter
         [--config CONFIG[:arg]] [--fusion modulation|concat|none] [--dtype float32|bfloat16]
         [--mesh-data -1] [--mesh-fsdp 1] [--mesh-tensor 1] [--scan] [--overwrite]
 
@@ -13,6 +14,12 @@ config come from ``--config``; the mesh is ``--config``'s ``mesh`` (default: all
 devices, data-parallel) with any ``--mesh-*`` size replacing its axis. The
 checkpoint is written with :func:`lavi_jax.checkpoint.save_params`; the LLM's
 tokenizer files are copied to ``CKPT_DIR/tokenizer``.
+
+``--lora`` (an adapter PEFT trained on the LLM) and ``--vision-lora`` (on the
+vision tower) add the adapters to the imported base: the checkpoint holds base
+and adapters, its ``config.train.lora`` is the adapter's, and training from it
+(``--config.init.checkpoint=CKPT_DIR`` with the same ``train.lora``) continues
+the adapters (:mod:`lavi_jax.hf.peft`).
 
 Every directory may be a local path or a URI (``gs://bucket/dir``); ``--llm``,
 ``--vision`` and ``--llava`` may also be Hugging Face Hub ids
@@ -34,6 +41,7 @@ from lavi_jax import sharding, storage
 from lavi_jax.checkpoint import save_params
 from lavi_jax.hf import (ConversionError, UnsupportedModel, copy_tokenizer, full_config, hub, import_hf,
                          tokenizer_source)
+from lavi_jax.hf import peft
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -52,6 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--llava", help="HF LLaVA / LLaVA-NeXT / LLaVA-OneVision directory, URI or Hub id "
                                    "(LLM + vision tower + projector)")
     p.add_argument("--lavi", help="a directory (or URI) written by conversions.export_hf (llm/, vision/, lavi/)")
+    p.add_argument("--lora", help="PEFT LoRA adapter directory (adapter_config.json) trained on the LLM")
+    p.add_argument("--vision-lora", "--vision_lora", dest="vision_lora",
+                   help="PEFT LoRA adapter directory trained on the vision model")
     p.add_argument("--config", help="config file (path.py[:arg]) for the LaVi knobs and the rest of the run config")
     p.add_argument("--fusion", choices=["modulation", "concat", "none"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="param dtype (default: the config's)")
@@ -75,6 +86,11 @@ def main(argv=None) -> int:
                                 dtype=a.dtype, scan=True if a.scan else None, mesh=mesh, seed=a.seed,
                                 strict=a.strict, log=print)
         config = full_config(cfg, base_config)
+        if a.lora or a.vision_lora:
+            spec, params = peft.attach(cfg, params, mesh, a.lora, a.vision_lora)
+            config.train.lora.update(peft.lora_config(spec))
+            print(f"LoRA r={spec.rank} alpha={spec.alpha}{' rslora' if spec.rslora else ''} on "
+                  f"{len(spec.targets)} module path pattern(s)")
         tok_src = tokenizer_source(a.llm, a.llava, a.lavi)
         storage.makedirs(out)
         tok_dst = storage.join(out, "tokenizer")

@@ -9,7 +9,9 @@ holds the items
 * ``data`` (training only): the grain iterator state.
 
 Training saves and restores go through :func:`save_train_state` and
-:func:`restore_train_state`.
+:func:`restore_train_state`. A LoRA run saves only what trains, its base being
+what ``config.init`` points at (see "LoRA checkpoints" below); :func:`load` and
+:func:`restore_params` return a LoRA checkpoint's params with the adapters merged.
 
 A training run keeps its checkpoints in ``<workdir>/checkpoints``; an import
 writes step 0 of ``CKPT_DIR``. Tokenizer files, when there are any, sit in
@@ -25,12 +27,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
-from lavi_jax import sharding, storage
+from lavi_jax import lora, sharding, storage
 from lavi_jax.models.lavi import LaVi
 
 TOKENIZER_DIR = "tokenizer"
@@ -92,10 +96,12 @@ def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict
     return ml_collections.ConfigDict(raw)
 
 
-def abstract_params_for(model_config: ml_collections.ConfigDict, mesh, fit: bool = False) -> Any:
-    """ShapeDtypeStructs with shardings for the params of ``model_config`` on ``mesh``; with ``fit``, a param
-    dimension the mesh does not divide is left replicated (``lavi_jax.sharding.logical_to_sharding(..., uneven=None)``)."""
-    shapes, specs = sharding.abstract_params(LaVi(model_config), jnp.zeros((1, 8), jnp.int32))
+def abstract_params_for(model_config: ml_collections.ConfigDict, mesh, fit: bool = False,
+                        spec: lora.LoraSpec | None = None) -> Any:
+    """ShapeDtypeStructs with shardings for the params of ``model_config`` (with the adapters of ``spec``) on
+    ``mesh``; with ``fit``, a param dimension the mesh does not divide is left replicated
+    (``lavi_jax.sharding.logical_to_sharding(..., uneven=None)``)."""
+    shapes, specs = sharding.abstract_params(lora.wrap(LaVi(model_config), spec), jnp.zeros((1, 8), jnp.int32))
     shardings = sharding.logical_to_sharding(specs, mesh, shapes, uneven=None if fit else sharding.UNEVEN_REPLICATED)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -122,6 +128,10 @@ def restore_params(path: str, model_config: ml_collections.ConfigDict, mesh=None
     device holds the whole model.
     """
     directory = resolve(path)
+    saved = _saved_config(directory, step)
+    if saved is not None and lora_spec(saved) is not None:  # a LoRA checkpoint: merged at load
+        _, params = restore_run_params(directory, mesh, step)
+        return lora.merge(params, lora_spec(saved))
     target = abstract_params_for(model_config, mesh or sharding.make_load_mesh(), fit=mesh is None)
     with manager(directory, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
@@ -182,3 +192,99 @@ def tokenizer_dir(path: str) -> str | None:
     """The tokenizer saved next to a checkpoint, if any."""
     d = storage.join(resolve(path), TOKENIZER_DIR)
     return d if storage.isdir(d) else None
+
+
+# ----------------------------------------------------------------------------- LoRA checkpoints
+#
+# A LoRA run (``config.train.lora.rank > 0``) saves only what trains (adapters, plus the params ``train.trainable``
+# selects) under ``params``; the frozen base is what ``config.init`` points at (a checkpoint, an HF import or the
+# seed's random init), so a save of a 7B run is hundreds of MB, not a 15 GB copy of a base that never changes.
+# ``conversions.import_hf --lora`` writes base and adapters together (a full tree). Both restore to the unmerged
+# params of the wrapped model (:func:`restore_run_params`); :func:`restore_params` / :func:`load` merge them.
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
+    """The LoRA of a full run config (None: none)."""
+    train = config.get("train") if config is not None else None
+    return lora.spec_from_config(train.get("lora") if train is not None else None)
+
+
+def _saved_config(directory: str, step: int | None) -> ml_collections.ConfigDict | None:
+    with manager(directory, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None or not storage.isdir(storage.join(str(mngr.directory), str(step), "config")):
+            return None
+    return read_config(directory, step)
+
+
+def _random_init(model, target: Any, seed: int, keep=None) -> Any:
+    """``model``'s random init (seed ``seed``) straight into the shardings of ``target``; ``keep(flat path)``:
+    only those leaves are returned (the rest of the init is dead code XLA drops)."""
+
+    def init(r):
+        p = nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))["params"])
+        if keep is None:
+            return p
+        return traverse_util.unflatten_dict({k: v for k, v in traverse_util.flatten_dict(p).items() if keep(k)})
+
+    flat = traverse_util.flatten_dict(jax.tree.map(lambda t: t.sharding, target))
+    shardings = traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep is None or keep(k)})
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def initial_params(config: ml_collections.ConfigDict, mesh=None, *, fit: bool = False) -> Any:
+    """The params a run of ``config`` starts from, adapters unmerged: ``config.init.checkpoint`` (a LoRA
+    checkpoint with the same LoRA continues its adapters; another LoRA is merged into the base first), else the
+    ``config.init.hf_llm`` / ``hf_vision`` import, else the random init of ``config.train.seed``; adapters the
+    source lacks start fresh (``lora_b`` zero)."""
+    mesh = mesh or sharding.make_load_mesh()
+    spec = lora_spec(config)
+    model = lora.wrap(LaVi(config.model), spec)
+    target = abstract_params_for(config.model, mesh, fit=fit, spec=spec)
+    init, seed = config.init, int(config.train.seed)
+    if init.checkpoint:
+        src_config, params = restore_run_params(init.checkpoint, mesh)
+        src_spec = lora_spec(src_config)
+        same = lambda a, b: a is not None and b is not None and (a.rank, a.alpha, a.rslora, a.targets) == (
+            b.rank, b.alpha, b.rslora, b.targets)
+        if src_spec is not None and not same(src_spec, spec):
+            params = lora.merge(params, src_spec)
+    elif init.hf_llm:
+        from lavi_jax.hf.importer import import_hf
+
+        cfg, params = import_hf(init.hf_llm, init.hf_vision or None, config.model, mesh=mesh, seed=seed)
+        if cfg.llm.to_dict() != config.model.llm.to_dict():
+            raise ValueError(f"config.model.llm does not match {init.hf_llm}: build the config with conversions.import_hf")
+    else:
+        return _random_init(model, target, seed)
+    have = set(traverse_util.flatten_dict(params))
+    missing = {k for k in traverse_util.flatten_dict(target) if k not in have}
+    if missing:
+        if any(k[-1] not in lora.ADAPTERS for k in missing):
+            raise CheckpointMismatch(f"the base of this run lacks params {sorted('/'.join(k) for k in missing)[:3]}")
+        fresh = _random_init(model, target, seed, keep=lambda k: k in missing)
+        params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **traverse_util.flatten_dict(fresh)})
+    check_tree(target, params, "the base of this run")
+    return params
+
+
+def restore_run_params(path: str, mesh=None, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+    """``(config, params)`` of the checkpoint at ``path``, a LoRA one with its adapters unmerged: a full tree is
+    restored as it is, an adapter-only save over :func:`initial_params` of its config (its base)."""
+    directory = resolve(path)
+    config = read_config(directory, step)
+    spec = lora_spec(config)
+    target = abstract_params_for(config.model, mesh or sharding.make_load_mesh(), fit=mesh is None, spec=spec)
+    with manager(directory, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        meta = metadata_tree(mngr.item_metadata(step)["params"])
+        flat_t, flat_m = traverse_util.flatten_dict(target), traverse_util.flatten_dict(meta)
+        if spec is None or set(flat_m) == set(flat_t):
+            check_tree(target, meta, f"{directory} step {step}")
+            got = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+            return config, got
+        sub = traverse_util.unflatten_dict({k: flat_t[k] for k in flat_m if k in flat_t})
+        check_tree(sub, meta, f"{directory} step {step}")
+        got = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(sub)))["params"]
+    base = initial_params(config, mesh, fit=mesh is None)
+    return config, traverse_util.unflatten_dict({**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(got)})

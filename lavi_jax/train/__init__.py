@@ -9,7 +9,8 @@
 from lavi_jax.train.dry_run import dry_run
 from lavi_jax.train.topology import TopologyError
 from lavi_jax.train.optimizer import (STAGES, init_opt_state, is_trainable, learning_rate_schedule, lr_multiplier,
-                                      make_optimizer, merge, partition, scale_by_path, trainable_patterns)
+                                      make_optimizer, merge, partition, run_patterns, scale_by_path,
+                                      trainable_patterns)
 from lavi_jax.train.state import TrainState, create_state, opt_state_shardings, state_shardings
 from lavi_jax.train.step import StepProgram, jit_train_step, local_batch_size, loss_terms, make_train_step
 

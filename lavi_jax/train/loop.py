@@ -7,6 +7,11 @@ batch sharded over the mesh's ``data`` and ``fsdp`` axes.
 Resume order: the latest checkpoint in ``<workdir>/checkpoints``, else
 ``config.init.checkpoint`` (params only), else an HF import
 (``config.init.hf_llm`` / ``hf_vision``), else random initialisation.
+
+With ``config.train.lora`` the model trains adapters on a frozen base; checkpoints
+hold only what trains, and a resume restores them over the base ``config.init``
+describes (:mod:`lavi_jax.checkpoint`). Evaluation during training runs the plain
+model on the params with the adapters merged.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lavi_jax import checkpoint, eval as evaluation, sharding, storage
+from lavi_jax import checkpoint, eval as evaluation, lora, sharding, storage
 from lavi_jax.data import make_components, make_train_iterator
 from lavi_jax.hf import import_hf
 from lavi_jax.train.metric_writer import MetricWriter
+from lavi_jax.train.optimizer import merge, partition
 from lavi_jax.train.state import TrainState, create_state
 from lavi_jax.train.step import jit_train_step
 
@@ -30,6 +36,8 @@ class NonFiniteError(RuntimeError):
 
 def initial_params(config, model, mesh, example_ids):
     """Params of a run without a checkpoint in its workdir: ``config.init``'s checkpoint or HF import, else random."""
+    if checkpoint.lora_spec(config) is not None:  # base + adapters (unmerged), see lavi_jax.checkpoint
+        return checkpoint.initial_params(config, mesh)
     init = config.init
     if init.checkpoint:
         return checkpoint.restore_params(init.checkpoint, config.model, mesh)
@@ -66,22 +74,31 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
     tokenizer, processor = make_components(config)
     train_iter = make_train_iterator(config.data, tokenizer, processor, batch_size=local_bs, seed=c.seed)
     ckpt = checkpoint.manager(storage.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
-    state = _resume(ckpt, program.abstract, program.shardings, train_iter, workdir)
+    spec = checkpoint.lora_spec(config)
+    saved_patterns = program.patterns if spec is not None else None  # LoRA: only what trains is saved
+    state = _resume(ckpt, program.abstract, program.shardings, train_iter, workdir, saved_patterns,
+                    lambda: initial_params(config, model, mesh, example_ids))
     if state is None:
         state = create_state(initial_params(config, model, mesh, example_ids), program.tx, program.patterns, program.shardings)
     start = int(jax.device_get(state.step))
 
     writer = MetricWriter(workdir, c.num_steps, start)
     cfg_json = checkpoint.config_to_json(config)
-    benchmarks = evaluation.training_evals(config, model, mesh, tokenizer, processor, workdir)
-    scorer = evaluation.exact_match_scorer(model)
+    # Evaluation sees the plain model; a LoRA run's adapters are merged into a copy of the params first.
+    eval_model = lora.unwrap(model)
+    merged = (lambda p: p) if spec is None else jax.jit(lambda p: lora.merge(p, spec))
+    evals = evaluation.training_evals(config, eval_model, mesh, tokenizer, processor, workdir)
+    benchmarks = None if evals is None else (lambda params, step: evals(merged(params), step))
+    scorer = evaluation.exact_match_scorer(eval_model)
 
     def exact_match(params) -> dict:
-        return evaluation.evaluate_exact_match(config, model, params, mesh, tokenizer, processor, scorer=scorer)[0]
+        return evaluation.evaluate_exact_match(config, eval_model, merged(params), mesh, tokenizer, processor,
+                                               scorer=scorer)[0]
 
     def save(step):
         writer.flush()  # metrics up to this step are in the workdir before the step is
-        checkpoint.save_train_state(ckpt, step, params=state.params, config=cfg_json, data_iterator=train_iter,
+        params = state.params if spec is None else partition(state.params, program.patterns)[0]
+        checkpoint.save_train_state(ckpt, step, params=params, config=cfg_json, data_iterator=train_iter,
                                     train_state={"opt_state": state.opt_state, "step": state.step,
                                                  "nonfinite": state.nonfinite})
 
@@ -135,15 +152,20 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
     return state, final
 
 
-def _resume(ckpt, abstract: TrainState, shardings: TrainState, train_iter, workdir: str) -> TrainState | None:
-    """The state of the latest checkpoint in the workdir (data iterator moved to its position), or None."""
+def _resume(ckpt, abstract: TrainState, shardings: TrainState, train_iter, workdir: str, saved_patterns=None,
+            base=None) -> TrainState | None:
+    """The state of the latest checkpoint in the workdir (data iterator moved to its position), or None.
+    ``saved_patterns``: the checkpoints hold only the params these select, restored over ``base()``."""
     latest = ckpt.latest_step()
     if latest is None:
         return None
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    saved = target.params if saved_patterns is None else partition(target.params, saved_patterns)[0]
     params, ts = checkpoint.restore_train_state(
-        ckpt, latest, params=target.params, data_iterator=train_iter,
+        ckpt, latest, params=saved, data_iterator=train_iter,
         train_state={"opt_state": target.opt_state, "step": target.step, "nonfinite": target.nonfinite})
+    if saved_patterns is not None:
+        params = merge(params, partition(base(), saved_patterns)[1])
     if jax.process_index() == 0:
         print(f"resumed from {workdir}/checkpoints step {latest}")
     return TrainState(step=ts["step"], params=params, opt_state=ts["opt_state"], nonfinite=ts["nonfinite"])

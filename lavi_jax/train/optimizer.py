@@ -1,8 +1,9 @@
 """What trains and how: trainable-param selection (stages, regexes) and the AdamW optimizer.
 
 * Trainable params are selected by regular expressions over ``/``-joined
-  param paths (``config.train.trainable``); frozen params receive no gradient,
-  carry no optimizer state and stay bit-identical.
+  param paths (``config.train.trainable``, plus the LoRA adapters of
+  ``config.train.lora``); frozen params receive no gradient, carry no optimizer
+  state and stay bit-identical.
 * AdamW with linear warmup + cosine decay and global-norm clipping; weight
   decay on kernels and embedding tables only (by param name, see ``decays``:
   never on biases, norm scales or single learned vectors, scanned or not);
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
+
+from lavi_jax import lora
 
 # Stage presets for ``config.train.trainable``.
 STAGES = {
@@ -42,6 +45,13 @@ def trainable_patterns(trainable) -> tuple[str, ...]:
                 raise ValueError(f"train.trainable: {p!r} is neither a stage ({sorted(STAGES)}) nor a valid regex: {e}")
         return patterns
     return tuple(trainable)
+
+
+def run_patterns(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The trainable-param regexes of ``config.train``: ``trainable``'s, plus every LoRA adapter when
+    ``train.lora`` is on (the base weights it adapts stay frozen unless ``trainable`` selects them)."""
+    spec = lora.spec_from_config(c.get("lora"))
+    return trainable_patterns(c.trainable) + ((lora.ADAPTER_PATTERN,) if spec is not None else ())
 
 
 def is_trainable(path: tuple[str, ...], patterns) -> bool:

@@ -24,18 +24,20 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from lavi_jax import sharding
+from lavi_jax import lora, sharding
 from lavi_jax.data.batch import BatchSpec
 from lavi_jax.models.lavi import LaVi
-from lavi_jax.train.optimizer import learning_rate_schedule, make_optimizer, merge, partition, trainable_patterns
+from lavi_jax.train.optimizer import learning_rate_schedule, make_optimizer, merge, partition, run_patterns
 from lavi_jax.train.state import TrainState, state_shardings
 
 
-def loss_terms(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of target-token NLL, number of target tokens) for a batch (packed when it has ``segment_ids``)."""
+def loss_terms(model: nn.Module, params: Any, batch: dict, rngs: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    """(sum of target-token NLL, number of target tokens) for a batch (packed when it has ``segment_ids``);
+    ``rngs``: e.g. ``{"dropout": key}`` for LoRA dropout."""
     logits = model.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"), batch.get("item_mask"),
                          attention_mask=batch["attention_mask"], position_ids=batch.get("positions"),
-                         segment_ids=batch.get("segment_ids"), image_sizes=batch.get("image_sizes"))
+                         segment_ids=batch.get("segment_ids"), image_sizes=batch.get("image_sizes"),
+                         **({"rngs": rngs} if rngs else {}))
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
     w = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -53,9 +55,11 @@ def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_collections.ConfigDict):
     """``step(state, batch) -> (state, metrics)``, to be jitted with shardings."""
-    patterns = trainable_patterns(c.trainable)
+    patterns = run_patterns(c)
     schedule = learning_rate_schedule(c)
     k = int(c.grad_accum)
+    spec = lora.spec_from_config(c.get("lora"))
+    dropout = spec is not None and spec.dropout > 0
 
     def step(state: TrainState, batch: dict):
         trainable, frozen = partition(state.params, patterns)
@@ -64,13 +68,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_co
         split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)  # [k, B // k, ...]
         micro = jax.tree.map(lambda x: sharding.constrain(split(x), (None, "batch") + (None,) * (x.ndim - 1)), batch)
 
-        def accumulate(carry, mb):
+        step_key = jax.random.fold_in(jax.random.key(c.seed), state.step)
+
+        def accumulate(carry, xs):
+            mb, j = xs
             g_sum, num_sum, den_sum = carry
-            (num, den), g = jax.value_and_grad(lambda t: loss_terms(model, merge(t, frozen), mb), has_aux=True)(trainable)
+            rngs = {"dropout": jax.random.fold_in(step_key, j)} if dropout else None
+            (num, den), g = jax.value_and_grad(lambda t: loss_terms(model, merge(t, frozen), mb, rngs), has_aux=True)(trainable)
             return (jax.tree.map(jnp.add, g_sum, g), num_sum + num, den_sum + den), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        (g_sum, num, den), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+        (g_sum, num, den), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(k)))
         den = jnp.maximum(den, 1.0)
         grads = jax.tree.map(lambda g: g / den, g_sum)
         loss = num / den
@@ -109,7 +117,7 @@ class StepProgram:
     """A run's jitted train step and everything it is built from (nothing allocated yet)."""
 
     mesh: Mesh
-    model: LaVi
+    model: LaVi  # a lavi_jax.lora.LoraModel around it when config.train.lora is on
     tx: optax.GradientTransformation
     patterns: tuple[str, ...]
     abstract: TrainState  # ShapeDtypeStructs
@@ -122,8 +130,8 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None) 
     """The train step of ``config`` on ``mesh`` (default: ``config.mesh`` over every device), jitted with shardings."""
     c = config.train
     mesh = mesh or sharding.make_mesh(config.mesh.to_dict())
-    model = LaVi(config.model)
-    patterns = trainable_patterns(c.trainable)
+    model = lora.wrap(LaVi(config.model), lora.spec_from_config(c.get("lora")))
+    patterns = run_patterns(c)
     tx = make_optimizer(c)
     abstract, shardings = state_shardings(model, tx, patterns, mesh, jnp.zeros((1, 8), jnp.int32))
     batch = BatchSpec.from_config(config, local_batch_size(c, mesh))
