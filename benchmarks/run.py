@@ -23,6 +23,8 @@ Sections (CPU run; ``--gpu`` runs only the GPU sections):
 7. ``--sections gpu_compile`` (not in the default run): the same at 7B compiled by XLA's GPU compiler for H100 hosts
    (1x1x8, 1x2x8; ``benchmarks/gpu_compile.py``): per-GPU memory, the largest stage-2 batch, cuDNN vs XLA attention.
    ``--gpu`` compares the deviceless compile's prediction with what it measures on the GPU.
+8. ``--sections serve`` (not in the default run): the OpenAI-compatible server driven by 1, 4, 16 and 64 closed-loop
+   clients, LaVi vs concat on the demo-sized model (``benchmarks/serve.py``): output tokens/s, TTFT, latency.
 
 Prints one table, writes ``benchmarks/results/<name>.json`` and ``<name>.png`` and rebuilds
 ``BENCHMARKS.md`` from every result file of this suite. ``--quick`` reads the FLOPs from the lowered
@@ -41,7 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CPU_SECTIONS = ("flops", "latency", "vs_torch", "train", "packing", "hd")
-EXTRA_SECTIONS = ("tpu", "gpu_compile")  # run only when named
+EXTRA_SECTIONS = ("tpu", "gpu_compile", "serve")  # run only when named
 
 
 def parse_args(argv=None):
@@ -130,6 +132,11 @@ def run_cpu(args) -> dict:
 
         log("[gpu_compile] 7B programs compiled for H100 hosts by XLA's GPU compiler (no GPU)")
         out["gpu_compile"] = gpu_compile.run(resume=args.resume)
+    if "serve" in sections:
+        from benchmarks import serve
+
+        log("[serve] the OpenAI server under 1/4/16/64 closed-loop clients, LaVi vs concat (demo model)")
+        out["serve"] = serve.run(requests=32 if args.quick else 64, log=log)
     if not set(sections) & set(CPU_SECTIONS):
         return out
     import torch

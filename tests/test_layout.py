@@ -14,11 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Floors from the bottom up. A module may import modules of its own floor or below.
 FLOORS = (
     ("lavi_jax.config", "lavi_jax.sharding", "lavi_jax.distributed", "lavi_jax.storage"),
-    ("lavi_jax.models", "lavi_jax.data"),
+    ("lavi_jax.models", "lavi_jax.data", "lavi_jax.lora"),
     ("lavi_jax.checkpoint", "lavi_jax.generate", "lavi_jax.hf"),
     ("lavi_jax.eval",),
     ("lavi_jax.train",),
-    ("lavi_jax.demo", "lavi_jax.predict"),
+    ("lavi_jax.demo", "lavi_jax.predict", "lavi_jax.serve"),
 )
 TOP = ("conversions", "benchmarks", "tests", "train", "eval", "demo")  # scripts and tools above the library
 
