@@ -151,6 +151,7 @@ def vqa(tmp_path_factory):
     return write_synthetic_vqa(str(tmp_path_factory.mktemp("vqa")), num_train=64, num_eval=8, image_size=32)
 
 
+@pytest.mark.slow  # ~3 min on 2 cores; the default run keeps kill-and-resume through the two-process bucket test
 def test_sigkill_at_random_points_resumes_to_identical_params(vqa, tmp_path):
     steps = 14
     data_dir = vqa["image_root"]
