@@ -145,6 +145,23 @@ def _static_knobs(sampling: GenerationConfig) -> dict:
                 nucleus=not greedy and sampling.top_p < 1.0)
 
 
+def prefill_forward(model, params, ids, mask, pixel_values, item_mask, image_sizes, cache):
+    """The prefill call: right-aligned prompts ``ids`` / ``mask`` [B, T] written at index 0 of an empty ``cache``
+    of S slots. -> (DecoderOutput with the last token's logits [B, 1, V] and the filled cache, the mutated
+    ``visual_cache`` variables)."""
+    T, S = ids.shape[1], cache["k"].shape[2]
+    if model.config.fusion == "concat" and pixel_values is not None:  # the model expands the text mask itself
+        kw = dict(attention_mask=mask)
+    else:
+        kw = dict(attention_mask=jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1),
+                  position_ids=default_positions(mask))
+    if image_sizes is not None:
+        kw["image_sizes"] = image_sizes
+    last = jnp.full((ids.shape[0], 1), T - 1, jnp.int32)  # right-aligned: logits of the last token only
+    return model.apply({"params": params}, ids, pixel_values, item_mask, cache=cache, cache_index=0,
+                       logits_at=last, method=LaVi.forward, mutable=["visual_cache"], **kw)
+
+
 class Generator:
     """Compiled prefill + decode for one model and one ``max_new_tokens``.
 
@@ -246,7 +263,7 @@ class Generator:
         self.num_traces["prefill"] += 1
         model, c = self.model, self.model.config
         ids, mask = right_align(input_ids, attention_mask, self.pad_id)
-        B, T = ids.shape
+        B = ids.shape[0]
         concat = c.fusion == "concat" and pixel_values is not None
         modulated = c.fusion == "modulation" and pixel_values is not None
         prefix_mask = mask
@@ -255,16 +272,7 @@ class Generator:
         P = prefix_mask.shape[1]
         S = P + self.max_new_tokens - 1
         cache = jax.tree.map(lambda a: sharding.constrain(a, _CACHE_AXES), init_cache(c.llm, B, S, c.dtype))
-        if concat:  # the mask covers the T text tokens; the model expands it as above
-            kw = dict(attention_mask=mask)
-        else:
-            kw = dict(attention_mask=jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1),
-                      position_ids=default_positions(mask))
-        if image_sizes is not None:
-            kw["image_sizes"] = image_sizes
-        last = jnp.full((B, 1), T - 1, jnp.int32)  # prompts are right-aligned: logits of the last token only
-        out, vc = model.apply({"params": params}, ids, pixel_values, item_mask, cache=cache, cache_index=0,
-                              logits_at=last, method=LaVi.forward, mutable=["visual_cache"], **kw)
+        out, vc = prefill_forward(model, params, ids, mask, pixel_values, item_mask, image_sizes, cache)
         return {
             "cache": out.cache,
             "mask": jnp.pad(prefix_mask.astype(jnp.int32), ((0, 0), (0, S - P)), constant_values=1),

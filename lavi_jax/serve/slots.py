@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lavi_jax.generate import right_align
+from lavi_jax.generate import prefill_forward, right_align
 from lavi_jax.models.decoder import init_cache
-from lavi_jax.models.lavi import LaVi, default_positions
+from lavi_jax.models.lavi import LaVi
 from lavi_jax.models.splice import concat_layout
 from lavi_jax.serve.sampling import sample_rows
 
@@ -87,21 +87,12 @@ class Slots:
         visual cache, next position [1])."""
         model, c = self.model, self.model.config
         ids, mask = right_align(ids, mask, self.pad_id)
-        T, S = ids.shape[1], self.max_len
+        S = self.max_len
         concat = c.fusion == "concat" and pixel_values is not None
         prefix = concat_layout(c, ids, mask, item_mask, image_sizes).mask if concat else mask
         P = prefix.shape[1]
-        cache = init_cache(c.llm, 1, S, c.dtype)
-        if concat:
-            kw = dict(attention_mask=mask)
-        else:
-            kw = dict(attention_mask=jnp.pad(mask, ((0, 0), (0, S - T)), constant_values=1),
-                      position_ids=default_positions(mask))
-        if image_sizes is not None:
-            kw["image_sizes"] = image_sizes
-        out, vc = model.apply({"params": params}, ids, pixel_values, item_mask, cache=cache, cache_index=0,
-                              logits_at=jnp.full((1, 1), T - 1, jnp.int32), method=LaVi.forward,
-                              mutable=["visual_cache"], **kw)
+        out, vc = prefill_forward(model, params, ids, mask, pixel_values, item_mask, image_sizes,
+                                  init_cache(c.llm, 1, S, c.dtype))
         key_mask = jnp.pad(prefix.astype(jnp.int32), ((0, 0), (0, S - P)), constant_values=1)
         return out.cache, key_mask, out.logits[:, -1], vc.get("visual_cache", {}), jnp.sum(prefix, 1, dtype=jnp.int32)
 
