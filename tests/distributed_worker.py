@@ -53,8 +53,19 @@ def main(num_processes: int, process_id: int, port: int) -> None:
         with sharding.use_mesh(mesh):
             state, metrics = step(state, batch)
         losses.append(float(jax.device_get(metrics["loss"])))
+    # Per-step buckets: process i holds rows of 16 + 8 i tokens; both pad to the longest (the global batch's bucket).
+    from lavi_jax.data import Collator
+    from lavi_jax.train.loop import global_bucket
+
+    collate = Collator(seq_buckets=(16, 24, 32), max_images=1, num_frames=1, image_size=(s, s), pad_id=7)
+    example = {"input_ids": np.arange(16 + 8 * jax.process_index(), dtype=np.int32), "item_mask": np.zeros((0, 0), bool)}
+    example["loss_mask"] = np.ones_like(example["input_ids"], np.float32)
+    agreed = global_bucket(collate([example, example]), 7)
+    bucket = {"seq_len": agreed["input_ids"].shape[1], "pad_tail": int(agreed["input_ids"][0, -1]),
+              "mask_tail": int(agreed["attention_mask"][0, -1])}
     if jax.process_index() == 0:
-        print(json.dumps({"losses": losses, "devices": jax.device_count(), "processes": jax.process_count()}))
+        print(json.dumps({"losses": losses, "devices": jax.device_count(), "processes": jax.process_count(),
+                          "bucket": bucket}))
 
 
 if __name__ == "__main__":

@@ -438,3 +438,43 @@ def test_padded_last_batch_on_any_mesh(setup, runs, mesh_shape, batch_size, glob
     results = lavi_eval.run_tasks(runner, params, task_list, print_summary=False)
     assert [r["settings"]["global_batch"] for r in results] == [global_batch, global_batch]
     assert [strip(r) for r in results] == [strip(r) for r in runs[1][2]]
+
+
+def test_batches_sized_for_their_own_samples(setup, runs, tmp_path):
+    """A task mixing text-only, one-image and two-image samples: each batch carries only its samples' item slots
+    (before: every batch was sized to the task's largest sample), and every prediction equals the sample
+    generated alone with exactly its own items."""
+    runner, params, _ = runs[1]
+    root = setup["paths"]["image_root"]
+    base = json.load(open(setup["paths"]["eval_json"]))[:4]
+    q = lambda r: r["conversations"][0]["value"].replace("<image>\n", "")
+    records = ([{**r, "id": f"one{i}"} for i, r in enumerate(base[:2])]
+               + [{"id": f"two{i}", "image": [a["image"], b["image"]],
+                   "conversations": [{"from": "human", "value": "<image>\n<image>\n" + q(a)}, a["conversations"][1]]}
+                  for i, (a, b) in enumerate([(base[0], base[2]), (base[1], base[3])])]
+               + [{"id": "text", "conversations": [{"from": "human", "value": q(base[0])}, base[0]["conversations"][1]]}])
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    task = lavi_eval.Task(name="llava_json", questions=str(path), image_root=root, max_new_tokens=MAX_NEW)
+    samples = scorers.LlavaJsonEvaluator().load(str(path), image_root=root)
+    plan = runner._plan(samples, task, {})
+    laid = sorted((lay.num_items, sorted(samples[i]["id"] for i in b)) for b, lay in zip(plan.batches, plan.layouts))
+    assert laid == [(0, ["text"]), (1, ["one0", "one1"]), (2, ["two0", "two1"])]
+    result = runner.run(params, task)
+    by_id = {r["id"]: r["prediction"] for r in result["per_sample"]}
+    tokenizer, gen = runner.tokenizer, runner.generator(MAX_NEW)
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(runner.mesh, x.ndim))
+    for s in samples:
+        n = len(media_items(s))
+        prompt = tokenizer.encode_prompt(s["conversation"])
+        ids = np.full((1, 64), tokenizer.pad_id, np.int32)
+        ids[0, 64 - len(prompt):] = prompt
+        mask = (ids != tokenizer.pad_id).astype(np.int32)
+        mask[0, 64 - len(prompt):] = 1
+        args = [put(ids), put(mask)]
+        if n:
+            pix, item_mask = MediaLoader(runner.processor, 1, root, None, joined=True)(s, n)
+            args += [put(pix[None]), put(item_mask[None])]
+        with sharding.use_mesh(runner.mesh):
+            tokens, lengths = gen(params, *args)
+        assert by_id[s["id"]] == tokenizer.decode(np.asarray(tokens)[0, :int(lengths[0])]).strip(), s["id"]

@@ -179,6 +179,9 @@ def test_two_processes_match_one_process():
     single = json.loads(one.stdout.strip().splitlines()[-1])
     assert multi["processes"] == 2 and single["processes"] == 1 and multi["devices"] == single["devices"] == 8
     np.testing.assert_allclose(multi["losses"], single["losses"], atol=1e-5)
+    # Process 0's 16-token rows are padded to process 1's bucket (24), not to the largest (32); alone: its own 16.
+    assert multi["bucket"] == {"seq_len": 24, "pad_tail": 7, "mask_tail": 0}
+    assert single["bucket"] == {"seq_len": 16, "pad_tail": 15, "mask_tail": 1}
 
 
 # ----------------------------------------------------------------------------- the full loop on real data

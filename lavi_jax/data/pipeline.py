@@ -158,7 +158,8 @@ def make_train_iterator(
         ``jax.process_count()``.
       pad_to_max_bucket: pad every batch to the largest bucket. Defaults to
         True with several processes, whose global batch needs one T; with
-        False, agree on T across processes and use ``collate.pad_batch``.
+        False, agree on T across processes and use ``collate.pad_batch``
+        (the training loop does: ``lavi_jax.train.loop.global_bucket``).
 
     With ``config.packing`` each of the ``batch_size`` rows packs several
     records (``max(seq_buckets)`` tokens, ``pack_max_images`` items per row, default ``max_images``; see

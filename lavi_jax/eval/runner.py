@@ -6,9 +6,12 @@
     # {"metrics": {...}, "per_sample": [...], "failures": [...], ...}
 
 How a task runs. Every process loads the same samples (the scorer's ``load``)
-and tokenises every prompt; samples are sorted by prompt length and cut into
-global batches of ``batch_size`` rows, the last one padded with invalid rows, so
-every process runs the same number of batches. Each process loads the images
+and tokenises every prompt; samples are grouped by their visual layout (item
+count; video or image), sorted by prompt length and cut into global batches of
+``batch_size`` rows, the last of each group padded with invalid rows, so every
+process runs the same number of batches. A batch's images and videos are sized
+for its own samples (a batch of one-image questions carries one item slot even
+when the task also has ten-image samples; a text-only batch carries none). Each process loads the images
 and videos of the rows its devices hold (the mesh's batch axes), in a thread
 pool one batch ahead; the rows become one global batch (``BatchSpec``, prompts
 left-padded to a length bucket) and the ``Generator`` (greedy, compiled once per
@@ -79,16 +82,23 @@ def _safe(fn, *args):
         return None, f"{type(e).__name__}: {e}"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The visual slots of one global batch: its largest item count and frames per video (0 items: text only)."""
+
+    num_items: int
+    frames: int
+
+
 @dataclasses.dataclass
 class _Plan:
-    """A task's prompts cut into global batches, and the visual layout its batches share."""
+    """A task's prompts cut into global batches, each with its own visual layout."""
 
     prompts: dict[int, np.ndarray]  # sample index -> prompt token ids
-    batches: list[list[int]]  # sample indices of each global batch, shortest prompts first
+    batches: list[list[int]]  # sample indices of each global batch, shortest prompts first within a layout
+    layouts: list[_Layout]  # per batch
     batch_size: int  # global rows per batch
-    visual: bool
-    loader: MediaLoader
-    num_items: int
+    loaders: dict[int, MediaLoader]  # frames -> loader
 
 
 class Runner:
@@ -192,13 +202,23 @@ class Runner:
                 failures[s["id"]] = error
             else:
                 prompts[i] = np.asarray(ids, np.int32)
-        order = sorted((i for i in prompts if samples[i]["id"] not in skip), key=lambda i: (len(prompts[i]), i))
+        # Samples are grouped by their own visual layout (item count, video or not), so a batch of one-image
+        # questions is not sized for the task's largest multi-image or video sample; then by prompt length.
+        visual = self.model.config.fusion != "none"
+        own = {i: _Layout(len(items[i]) if visual else 0,
+                          self.num_frames if any(k == VIDEO for k, _ in items[i]) else 1) for i in prompts}
+        order = sorted((i for i in prompts if samples[i]["id"] not in skip),
+                       key=lambda i: (own[i].num_items, own[i].frames, len(prompts[i]), i))
         B = min(self.batch_size, max(-(-len(order) // self.shards), 1) * self.shards)
-        frames = self.num_frames if any(k == VIDEO for i in order for k, _ in items[i]) else 1
-        return _Plan(prompts=prompts, batches=[order[k:k + B] for k in range(0, len(order), B)], batch_size=B,
-                     visual=self.model.config.fusion != "none" and any(items[i] for i in order),
-                     loader=MediaLoader(self.processor, frames, task.image_root, self.max_image_pixels, joined=True),
-                     num_items=max((len(items[i]) for i in order), default=0) or 1)
+        batches, layouts = [], []
+        for key in dict.fromkeys(own[i] for i in order):
+            group = [i for i in order if own[i] == key]
+            for k in range(0, len(group), B):
+                batches.append(group[k:k + B])
+                layouts.append(key)
+        loaders = {f: MediaLoader(self.processor, f, task.image_root, self.max_image_pixels, joined=True)
+                   for f in {lay.frames for lay in layouts}}
+        return _Plan(prompts=prompts, batches=batches, layouts=layouts, batch_size=B, loaders=loaders)
 
     def _answer(self, params, task: Task, samples: list[dict], plan: _Plan, failures: dict[str, str],
                 log: PredictionLog | None = None) -> dict[str, str]:
@@ -214,9 +234,10 @@ class Runner:
                        leave=False)
         with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
             def submit(b):
-                if b >= len(batches) or not plan.visual:
+                if b >= len(batches) or not plan.layouts[b].num_items:
                     return {}
-                return {r: pool.submit(_safe, plan.loader.load_sample, samples[batches[b][r]], plan.num_items)
+                lay = plan.layouts[b]
+                return {r: pool.submit(_safe, plan.loaders[lay.frames].load_sample, samples[batches[b][r]], lay.num_items)
                         for r in local if r < len(batches[b])}
 
             pending = submit(0)
@@ -224,7 +245,7 @@ class Runner:
                 loaded = {r: f.result() for r, f in pending.items()}
                 pending = submit(b + 1)
                 tokens, lengths, reasons = self._generate(params, gen, [plan.prompts[i] for i in batch], loaded,
-                                                          local, plan)
+                                                          local, plan, plan.layouts[b])
                 records = []
                 for r, i in enumerate(batch):
                     sid = samples[i]["id"]
@@ -242,19 +263,20 @@ class Runner:
             bar.close()
         return predictions
 
-    def _generate(self, params, gen, prompts, loaded, local, plan: _Plan):
+    def _generate(self, params, gen, prompts, loaded, local, plan: _Plan, layout: _Layout):
         """One global batch -> (tokens, lengths, failure reasons as bytes) for all rows, on every process."""
         T = bucket_length(max(len(p) for p in prompts), self.buckets, beyond="multiple")
-        spec = BatchSpec(batch_size=plan.batch_size, seq_len=T, max_items=plan.num_items,
-                         num_frames=plan.loader.item_frames, image_size=self.processor.output_size, visual=plan.visual,
-                         anyres=plan.loader.anyres)
+        loader, visual = plan.loaders[layout.frames], layout.num_items > 0
+        spec = BatchSpec(batch_size=plan.batch_size, seq_len=T, max_items=max(layout.num_items, 1),
+                         num_frames=loader.item_frames, image_size=self.processor.output_size, visual=visual,
+                         anyres=loader.anyres)
         host = dataclasses.replace(spec, batch_size=len(local)).zeros(self.tokenizer.pad_id)  # this process's rows
         reasons = np.zeros((len(local), REASON_BYTES), np.uint8)
         for j, r in enumerate(local):
             p = prompts[r] if r < len(prompts) else prompts[0]  # padding rows repeat a real prompt
             host["input_ids"][j, T - len(p):] = p
             host["attention_mask"][j, T - len(p):] = 1
-            if plan.visual:
+            if visual:
                 value, error = loaded.get(r, (None, None))
                 if error:
                     raw = error.encode("utf-8")[:REASON_BYTES]
@@ -263,7 +285,7 @@ class Runner:
                     host["pixel_values"][j], host["item_mask"][j], sizes = value
                     if spec.anyres:
                         host["image_sizes"][j] = sizes
-        keys = PROMPT_KEYS + (VISUAL_KEYS + (("image_sizes",) if spec.anyres else ()) if plan.visual else ())
+        keys = PROMPT_KEYS + (VISUAL_KEYS + (("image_sizes",) if spec.anyres else ()) if visual else ())
         args = [self._global(host[k], local, spec.shapes()[k][0]) for k in keys]
         with sharding.use_mesh(self.mesh):
             tokens, lengths = gen(params, *args)

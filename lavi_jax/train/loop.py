@@ -20,9 +20,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from lavi_jax import checkpoint, eval as evaluation, lora, sharding, storage
-from lavi_jax.data import make_components, make_train_iterator
+from lavi_jax.data import make_components, make_train_iterator, pad_batch
 from lavi_jax.hf import import_hf
 from lavi_jax.train.metric_writer import MetricWriter
 from lavi_jax.train.optimizer import merge, partition
@@ -56,6 +58,16 @@ def check_data(config) -> None:
                          "and --config.data.image_root=DIR; the synthetic demo runs with `python demo.py`")
 
 
+def global_bucket(local: dict, pad_id: int) -> dict:
+    """This process's batch padded to the longest bucket among every process's batch of this step: the global
+    batch's own bucket, as one process holding all rows picks it (one small all-gather per step). Packed rows
+    (``segment_ids``) and single-process batches are returned as they are."""
+    if jax.process_count() == 1 or "segment_ids" in local:
+        return local
+    lengths = multihost_utils.process_allgather(np.asarray(local["input_ids"].shape[1], np.int32))
+    return pad_batch(local, int(np.max(lengths)), pad_id)
+
+
 def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState, dict]:
     """Runs (or resumes) training in ``workdir``. -> ``(state, metrics)``: the final train state and the last
     logged metrics with the end-of-run eval scores.
@@ -72,7 +84,9 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
     example_ids = jnp.zeros((1, 8), jnp.int32)
 
     tokenizer, processor = make_components(config)
-    train_iter = make_train_iterator(config.data, tokenizer, processor, batch_size=local_bs, seed=c.seed)
+    # Unpacked batches take their own bucket; with several processes the bucket is agreed per step (global_bucket).
+    train_iter = make_train_iterator(config.data, tokenizer, processor, batch_size=local_bs, seed=c.seed,
+                                     pad_to_max_bucket=False)
     ckpt = checkpoint.manager(storage.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
     spec = checkpoint.lora_spec(config)
     saved_patterns = program.patterns if spec is not None else None  # LoRA: only what trains is saved
@@ -107,7 +121,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> tuple[TrainState,
     try:
         with sharding.use_mesh(mesh):
             for step in range(start, end):
-                local = next(train_iter)
+                local = global_bucket(next(train_iter), tokenizer.pad_id)
                 tokens += float(local["attention_mask"].sum()) * jax.process_count()
                 state, metrics = step_fn(state, sharding.to_global({k: local[k] for k in shapes}, mesh))
                 if pending is not None:  # read the previous step's flag now, keeping one step in flight
