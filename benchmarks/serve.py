@@ -9,7 +9,8 @@ decode slots). ``c`` closed-loop clients (``openai.AsyncOpenAI``, streaming, gre
 request when the previous answer ends, ``--requests`` requests in all: a one-sentence question about one
 synthetic 64x64 image (a data: URL), ``max_tokens`` tokens at most. Reported per client count: output
 tokens/s (completion tokens of all requests / wall time), time to first streamed chunk and request latency
-(p50 / p99), and the speed-up over one client (the same requests served one at a time).
+(p50 / p99), and the speed-up over the 1-client row: the same server (same slots, same programs) with one
+client sending the same ``--requests`` requests one after another.
 """
 
 from __future__ import annotations

@@ -4,21 +4,24 @@
     position, first = slots.insert(params, slot, ids, attention, pixel_values, item_mask, image_sizes, seed, *knobs)
     tokens = slots.step(params, fed, index, position, seeds, steps, *knobs)  # every slot; knobs per slot
 
-State (all with a leading slot axis, updated in place: donated):
+State (slot = batch row; updated in place: donated):
 
-* ``cache``: the KV cache ``{"k", "v"}`` [slots, layers, 1, max_len, kv_heads, head_dim]. A slot's prefix
+* ``cache``: the KV cache ``{"k", "v"}`` [layers, slots, max_len, kv_heads, head_dim]. A slot's prefix
   (its prompt, or for ``fusion="concat"`` the prompt with the visual tokens spliced in, left-padded to a
   bucket) fills ``[0, P)``; generated token i is written at ``P + i``.
 * ``mask``: [slots, max_len] int32, the slot's key mask (prefix padding 0, the rest 1; keys past a query
   are hidden causally).
-* ``visual``: for ``fusion="modulation"``, the conditioners' visual keys/values of the slot's request,
-  padded to ``visual_shape`` items and frames (padding has ``key_index == NO_ITEM`` and is invisible).
+* ``visual``: for ``fusion="modulation"``, the conditioners' ``visual_cache`` collection with a batch of
+  ``slots`` (row = slot; batch axis per leaf from ``decoder.visual_cache_batch_axes``): the visual keys/values
+  of each slot's request, padded to ``visual_shape`` items and frames (padding has ``key_index == NO_ITEM``
+  and is invisible).
 
 ``insert`` runs one request (batch 1: the vision tower once, then the prompt) and writes its state into
-``slot``; ``step`` feeds every slot's last token at its own cache index (each slot is a batch-1 model call
-under ``jax.vmap``, so slots at different lengths share one program) and samples every slot's next token
-(:mod:`lavi_jax.serve.sampling`). A slot computes exactly what the request computes alone in
-:class:`lavi_jax.generate.Generator`: the same prompt bucket, positions and masked padding.
+``slot``; ``step`` is one batched model call over every slot, each row writing and attending at its own
+cache index (``cache_index`` int32 [slots]), so slots at different lengths share one program, and
+samples every slot's next token (:mod:`lavi_jax.serve.sampling`). A slot computes exactly what the
+request computes alone in :class:`lavi_jax.generate.Generator`: the same prompt bucket, positions and
+masked padding. The state is allocated by the first ``insert`` on the params' mesh (``allocate``).
 
 Compiled programs: one ``step``; one ``prefill`` per prompt bucket (per bucket and media shape for concat,
 whose prefix length follows its items).
@@ -31,12 +34,16 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lavi_jax.generate import prefill_forward, right_align
-from lavi_jax.models.decoder import init_cache
+from lavi_jax import sharding
+from lavi_jax.models.decoder import init_cache, visual_cache_batch_axes
 from lavi_jax.models.lavi import LaVi
 from lavi_jax.models.splice import concat_layout
 from lavi_jax.serve.sampling import sample_rows
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 class Slots:
@@ -50,23 +57,42 @@ class Slots:
         self.fusion, self.anyres = c.fusion, bool(anyres)
         self.visual_shape = tuple(visual_shape) if visual_shape and c.fusion == "modulation" else None
         self.num_traces = {"prefill": 0, "step": 0}
-        one = init_cache(c.llm, 1, self.max_len, c.dtype)
-        self.cache = jax.tree.map(lambda a: jnp.zeros((self.num_slots,) + a.shape, a.dtype), one)
-        self.mask = jnp.zeros((self.num_slots, self.max_len), jnp.int32)
-        self.visual = None
+        self.cache = self.mask = self.visual = None  # allocated by the first insert, under the caller's mesh
         self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache", "mask", "visual"))
         self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
 
-    def init_visual(self, params) -> None:
-        """Allocates the slots' visual cache (modulation): its shapes come from one abstract prefill."""
-        if self.visual_shape is None or self.visual is not None:
+    def allocate(self, params) -> None:
+        """Allocates the slots' state (once; ``insert`` calls it) as a program's output, so that it has the
+        type every later call returns (the current mesh's; else each program would be traced twice). The
+        visual cache's shapes (modulation) come from one abstract prefill."""
+        if self.cache is not None:
             return
-        N, F, H, W = self.visual_shape
-        ids = jnp.zeros((1, 8), jnp.int32)
-        sizes = jnp.zeros((1, N, 2), jnp.int32) if self.anyres else None
-        shapes = jax.eval_shape(functools.partial(self._forward_prefill, ids=ids, mask=jnp.ones_like(ids)), params,
-                                jnp.zeros((1, N, F, H, W, 3), jnp.float32), jnp.zeros((1, N, F), jnp.bool_), sizes)
-        self.visual = jax.tree.map(lambda s: jnp.zeros((self.num_slots,) + s.shape, s.dtype), shapes[3])
+        c = self.model.config
+        visual = None
+        if self.visual_shape is not None:
+            N, F, H, W = self.visual_shape
+            ids = jnp.zeros((1, 8), jnp.int32)
+            sizes = jnp.zeros((1, N, 2), jnp.int32) if self.anyres else None
+            shapes = jax.eval_shape(functools.partial(self._forward_prefill, ids=ids, mask=jnp.ones_like(ids)),
+                                    params, jnp.zeros((1, N, F, H, W, 3), jnp.float32), jnp.zeros((1, N, F), jnp.bool_),
+                                    sizes)[3]
+            visual = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(s.shape[:a] + (self.num_slots,) + s.shape[a + 1:],
+                                                                    s.dtype), shapes, visual_cache_batch_axes(shapes))
+
+        def zeros():
+            cache = init_cache(c.llm, self.num_slots, self.max_len, c.dtype)
+            vc = None if visual is None else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), visual)
+            return cache, jnp.zeros((self.num_slots, self.max_len), jnp.int32), vc
+
+        state = jax.jit(zeros)()
+        mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
+                     if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+        if mesh is not None:  # on the params' mesh, as every program's outputs are
+            cache = sharding.logical_to_sharding(jax.tree.map(lambda _: PartitionSpec(*CACHE_AXES), state[0]), mesh,
+                                                 state[0], uneven=None)
+            state = jax.device_put(state, (cache, NamedSharding(mesh, PartitionSpec()),
+                                           jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state[2])))
+        self.cache, self.mask, self.visual = state
 
     # -- host-side helpers
 
@@ -84,7 +110,7 @@ class Slots:
 
     def _forward_prefill(self, params, pixel_values, item_mask, image_sizes, *, ids, mask):
         """One request's prompt -> (cache [layers, 1, max_len, ...], key mask [1, max_len], last logits [1, V],
-        visual cache, next position [1])."""
+        visual cache (batch 1), next position [1])."""
         model, c = self.model, self.model.config
         ids, mask = right_align(ids, mask, self.pad_id)
         S = self.max_len
@@ -101,10 +127,12 @@ class Slots:
         self.num_traces["prefill"] += 1
         new_cache, key_mask, logits, vc, position = self._forward_prefill(params, pixel_values, item_mask, image_sizes,
                                                                           ids=ids, mask=attention)
-        cache = jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, slot, 0), cache, new_cache)
-        mask = jax.lax.dynamic_update_index_in_dim(mask, key_mask[0], slot, 0)
+        cache = jax.tree.map(lambda a, b: sharding.constrain(jax.lax.dynamic_update_slice_in_dim(a, b, slot, 1),
+                                                             CACHE_AXES), cache, new_cache)
+        mask = jax.lax.dynamic_update_slice_in_dim(mask, key_mask, slot, 0)
         if visual is not None:
-            visual = jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, slot, 0), visual, vc)
+            visual = jax.tree.map(lambda a, b, ax: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot, ax),
+                                  visual, vc, visual_cache_batch_axes(vc))
         keys = jax.random.fold_in(jax.random.key(seed), 0)[None]
         first = sample_rows(logits, keys, temperature[None], top_k[None], top_p[None])[0]
         return cache, mask, visual, first, position[0]
@@ -113,13 +141,10 @@ class Slots:
         self.num_traces["step"] += 1
         reuse = visual is not None
 
-        def one(cache, vc, m, t, i, p):
-            variables = {"params": params, "visual_cache": vc} if reuse else {"params": params}
-            out = self.model.apply(variables, t[None, None], attention_mask=m[None], position_ids=p[None, None],
-                                   cache=cache, cache_index=i, use_visual_cache=reuse, method=LaVi.forward)
-            return out.logits[0, -1], out.cache
-
-        logits, cache = jax.vmap(one)(cache, visual, mask, tok, index, position)
+        variables = {"params": params, "visual_cache": visual} if reuse else {"params": params}
+        out = self.model.apply(variables, tok[:, None], attention_mask=mask, position_ids=position[:, None],
+                               cache=cache, cache_index=index, use_visual_cache=reuse, method=LaVi.forward)
+        logits, cache = out.logits[:, -1], jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), out.cache)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
         return sample_rows(logits, keys, temperature, top_k, top_p), cache
 
@@ -128,7 +153,7 @@ class Slots:
     def insert(self, params, slot: int, ids: np.ndarray, attention: np.ndarray, pixel_values, item_mask, image_sizes,
                seed: int, temperature: float, top_k: int, top_p: float) -> tuple[int, int]:
         """Prefills one request (ids/attention [1, T], T a bucket) into ``slot``. -> (next position, first token)."""
-        self.init_visual(params)
+        self.allocate(params)
         self.cache, self.mask, self.visual, first, position = self._prefill(
             params, self.cache, self.mask, self.visual, jnp.int32(slot), ids, attention, pixel_values, item_mask,
             image_sizes, jnp.uint32(seed), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
