@@ -24,6 +24,7 @@ and an uncommitted step is never taken as the latest).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -236,9 +237,20 @@ def initial_params(config: ml_collections.ConfigDict, mesh=None, *, fit: bool = 
     """The params a run of ``config`` starts from, adapters unmerged: ``config.init.checkpoint`` (a LoRA
     checkpoint with the same LoRA continues its adapters; another LoRA is merged into the base first), else the
     ``config.init.hf_llm`` / ``hf_vision`` import, else the random init of ``config.train.seed``; adapters the
-    source lacks start fresh (``lora_b`` zero)."""
+    source lacks start fresh (``lora_b`` zero). With QLoRA (``train.lora.quantize``) that float base is then
+    quantized (:func:`lavi_jax.lora.quantize_params`) straight into the target's shardings."""
     mesh = mesh or sharding.make_load_mesh()
     spec = lora_spec(config)
+    if spec is not None and spec.qtype is not None:  # QLoRA: the float base, quantized into the target's shards
+        float_spec = dataclasses.replace(spec, quantize="none")
+        params = _initial_params(config, mesh, fit, float_spec)
+        target = abstract_params_for(config.model, mesh, fit=fit, spec=spec)
+        shardings = jax.tree.map(lambda t: t.sharding, target)
+        return jax.jit(lambda p: lora.quantize_params(p, target), out_shardings=shardings)(params)
+    return _initial_params(config, mesh, fit, spec)
+
+
+def _initial_params(config, mesh, fit, spec):
     model = lora.wrap(LaVi(config.model), spec)
     target = abstract_params_for(config.model, mesh, fit=fit, spec=spec)
     init, seed = config.init, int(config.train.seed)
@@ -249,6 +261,7 @@ def initial_params(config: ml_collections.ConfigDict, mesh=None, *, fit: bool = 
             b.rank, b.alpha, b.rslora, b.targets)
         if src_spec is not None and not same(src_spec, spec):
             params = lora.merge(params, src_spec)
+        params = lora.dequantize(params)  # a QLoRA source continues as a float base (quantized again above)
     elif init.hf_llm:
         from lavi_jax.hf.importer import import_hf
 

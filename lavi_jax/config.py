@@ -193,6 +193,8 @@ def lora(**overrides) -> ConfigDict:
     c.targets = "llm"  # a preset (llm | vision | llm+vision) or comma-separated regexes over Dense module paths
     c.rslora = False
     c.dtype = "float32"  # adapter param dtype (the base keeps config.model.param_dtype)
+    c.quantize = "none"  # QLoRA: none | int8 | int4, the frozen kernels of the targets held quantized
+    c.quant_block = 64  # rows of the kernel's last input axis per quantization scale (0: per output channel)
     c.update(overrides)
     return c
 

@@ -102,6 +102,7 @@ def export_hf(ckpt: str, out: str, *, dtype: str | None = None, max_shard_bytes:
         return export_params(config.model, params, out, dtype=dtype, tokenizer=tokenizer_dir(ckpt),
                              max_shard_bytes=max_shard_bytes)
     _, params = restore_run_params(ckpt, mesh)
+    params = lora.dequantize(params)  # a QLoRA base is exported in float
     dirs = export_params(config.model, params, out, dtype=dtype, tokenizer=tokenizer_dir(ckpt),
                          max_shard_bytes=max_shard_bytes)
     return dirs + export_adapters(config.model, params, spec, out, dtype=dtype)

@@ -1,0 +1,133 @@
+"""7B LaVi stage 2: the largest global batch of 2048-token rows that fits, LoRA vs QLoRA vs full fine-tuning (TPU compiler).
+
+    python -m benchmarks.lora_memory                      # every row, resuming benchmarks/results/lora_memory.json
+    python -m benchmarks.lora_memory --rows qlora-int4@v5e:2x2
+
+``configs/lavi_qwen2_7b_siglip.py``, bf16 params (``set_precision(model, "bf16")``), scanned layers, full
+remat, one 729-token image per row, mesh fsdp over every chip; LoRA: ``rank=16, alpha=32, targets="llm"``
+with projector + conditioners trained fully; full fine-tuning: ``projector+conditioners+llm``. The train step
+is compiled by libtpu for the topology's abstract chips (:func:`lavi_jax.train.dry_run.train_program`, memory
+only). Peak memory per chip is linear in the batch: each row compiles two batches, extrapolates the largest
+batch (a multiple of the chip count) under the chip's HBM and confirms it with one compile (one step down
+while it does not fit). Every compile is written to the JSON as soon as it finishes, so a killed run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+OUT = os.path.join(ROOT, "benchmarks", "results", "lora_memory.json")
+METHODS = {"lora": "none", "qlora-int8": "int8", "qlora-int4": "int4", "full": None}
+ROWS = tuple(f"{m}@{t}" for t in ("v5e:2x4", "v5p:2x2x1") for m in METHODS) + ("qlora-int8@v5e:2x2", "qlora-int4@v5e:2x2")
+PROBES = (8, 16)  # batches per chip... times the chip count: the two compiles of the linear fit
+SEQ = 2048
+
+
+def config_for(method: str, topology: str, batch: int):
+    from benchmarks import tpu
+    from lavi_jax import config as C
+    from lavi_jax.train import topology as topo
+
+    chips = topo.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, topology).size
+    cfg = tpu.train_config("modulation", "stage 2", batch=batch, mesh={"data": 1, "fsdp": chips, "tensor": 1})
+    C.set_precision(cfg.model, "bf16")
+    if METHODS[method] is None:
+        cfg.train.trainable = "projector+conditioners+llm"
+    else:
+        cfg.train.trainable = "projector+conditioners"
+        cfg.train.lora.update(rank=16, alpha=32, targets="llm", quantize=METHODS[method])
+    return cfg, chips
+
+
+def compile_one(method: str, topology: str, batch: int) -> dict:
+    from lavi_jax.train import dry_run as dr
+    from lavi_jax.train import topology as topo
+
+    cfg, _ = config_for(method, topology, batch)
+    mesh = topo.make_mesh(cfg.mesh.to_dict(), topology)
+    t0 = time.time()
+    r = dr.train_program(cfg, mesh, topo.chip_of(mesh), flops=False)
+    b = r.get("bytes_per_device", {})
+    return {"batch": batch, "fits": bool(r["fits"]), "peak": b.get("peak"), "params": b.get("params"),
+            "opt_state": b.get("opt_state"), "hbm": r["hbm_bytes"], "seconds": round(time.time() - t0, 1)}
+
+
+def load() -> dict:
+    return json.load(open(OUT)) if os.path.exists(OUT) else {}
+
+
+def save(data: dict) -> None:
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(OUT + ".tmp", OUT)
+
+
+def measure(data: dict, row: str, batch: int) -> dict:
+    runs = data.setdefault(row, {}).setdefault("compiles", {})
+    if str(batch) not in runs:
+        method, topology = row.split("@")
+        print(f"{row}: compiling batch {batch}", file=sys.stderr, flush=True)
+        runs[str(batch)] = compile_one(method, topology, batch)
+        save(data)
+    return runs[str(batch)]
+
+
+def largest(data: dict, row: str) -> dict:
+    method, topology = row.split("@")
+    _, chips = config_for(method, topology, 8)
+    a, b = (measure(data, row, p * chips // 8) for p in PROBES)
+    if a["peak"] is None or b["peak"] is None:  # refused by the compiler: the fit needs peaks
+        data[row]["largest"] = None
+        return data[row]
+    slope = (b["peak"] - a["peak"]) / (b["batch"] - a["batch"])
+    fixed = a["peak"] - slope * a["batch"]
+    guess = max(chips, int((a["hbm"] - fixed) / slope) // chips * chips) if slope > 0 else b["batch"]
+    data[row].update(fixed_bytes=fixed, bytes_per_row=slope, predicted=guess)
+    while guess >= chips:
+        r = measure(data, row, guess)
+        if r["fits"]:
+            data[row]["largest"] = guess
+            break
+        guess -= chips
+    else:
+        data[row]["largest"] = 0
+    save(data)
+    return data[row]
+
+
+def table(data: dict) -> str:
+    gib = lambda x: "-" if x is None else f"{x / 2**30:.2f}"
+    lines = ["| Row | Largest global batch x 2048 | Peak GiB at it | Params GiB | Optimizer GiB | GiB / row |",
+             "|---|---|---|---|---|---|"]
+    for row in ROWS:
+        d = data.get(row)
+        if not d or "largest" not in d:
+            lines.append(f"| {row} | not measured | | | | |")
+            continue
+        r = d["compiles"].get(str(d["largest"]), {})
+        lines.append(f"| {row} | {d['largest']} | {gib(r.get('peak'))} | {gib(r.get('params'))} | "
+                     f"{gib(r.get('opt_state'))} | {gib(d.get('bytes_per_row'))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated METHOD@TOPOLOGY")
+    args = p.parse_args(argv)
+    data = load()
+    for row in [r for r in args.rows.split(",") if r]:
+        largest(data, row)
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
