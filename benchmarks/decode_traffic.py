@@ -8,7 +8,9 @@ tensor 4: Qwen2-7B's 4 KV heads split 4 ways, the batch 2 ways) at batch 1, 32 a
 one 729-token image and 64 new tokens (a 2,111-slot cache): bytes accessed per chip by Generator's decode loop
 compiled with unrolled layers (XLA counts a loop body once: one token's step, every layer counted, plus what runs
 once per generation), the read-once floor (the chip's decoder weights + KV cache + visual cache shards) and their
-ratio, that traffic's time at v5e's 819 GB/s, and the prefill's temp memory. Uses only :mod:`lavi_jax.train.dry_run` pieces that older checkouts have too.
+ratio, that traffic's time at v5e's 819 GB/s, and the prefill's temp memory. Beside it, the HBM-only count of
+:mod:`lavi_jax.train.hlo_traffic` (one loop iteration's operands and results in HBM, on-chip copies not counted);
+``DECODE_TRAFFIC_HLO_DIR=<dir>`` keeps each compiled loop's HLO text there. Uses only :mod:`lavi_jax.train.dry_run` pieces that older checkouts have too.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def measure(batch: int) -> dict:
         rest = {k: v for k, v in state.items() if k != "cache"}
         loop_c = gen._decode.lower(params, state["cache"], rest, rng, scalar, scalar, **knobs).compile()
     accessed = float(dr._cost(loop_c).get("bytes accessed", 0.0))
+    hbm = None
+    try:  # HBM-only count (newer checkouts): operands and results in memory space 0
+        from lavi_jax.train import hlo_traffic
+        hbm = hlo_traffic.loop_hbm_traffic(loop_c.as_text())
+        if os.environ.get("DECODE_TRAFFIC_HLO_DIR"):  # keep the compiled loop's HLO text for reading
+            with open(os.path.join(os.environ["DECODE_TRAFFIC_HLO_DIR"], f"decode_loop_b{batch}.txt"), "w") as f:
+                f.write(loop_c.as_text())
+    except ImportError:
+        pass
     parts = {"decoder_params": dr.bytes_per_device(params["llm"]), "kv_cache": dr.bytes_per_device(state["cache"]),
              "visual_cache": dr.bytes_per_device(state["visual_cache"])}
     floor = sum(parts.values())
@@ -64,7 +75,11 @@ def measure(batch: int) -> dict:
             "seconds_per_step_bandwidth_bound": accessed / 819e9,
             "prefill_temp_bytes": int(prefill_c.memory_analysis().temp_size_in_bytes),
             "decode_temp_bytes": int(loop_c.memory_analysis().temp_size_in_bytes),
-            "compile_seconds": round(time.time() - t0, 1)}
+            "compile_seconds": round(time.time() - t0, 1),
+            **({} if hbm is None else {"hbm_bytes_per_step": hbm["bytes"], "hbm_read_bytes_per_step": hbm["read"],
+                                       "hbm_written_bytes_per_step": hbm["written"],
+                                       "hbm_bytes_over_read_once": hbm["bytes"] / floor,
+                                       "hbm_by_kind": hbm["by_kind"]})}
 
 
 def main(argv=None) -> None:
@@ -84,14 +99,20 @@ def main(argv=None) -> None:
                     json.dump({"topology": TOPOLOGY, "mesh": MESH, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
                                "batches": results}, f, indent=1)
     gib = 2**30
-    print(f"| batch | bytes accessed / step / chip | read-once floor (weights + KV + visual) | ratio | "
-          f"time at 819 GB/s | prefill temp |")
-    print("|---|---|---|---|---|---|")
+    print(f"| batch | bytes accessed / step / chip | HBM bytes / step / chip | read-once floor (weights + KV + visual) "
+          f"| ratio (accessed, HBM) | time at 819 GB/s (accessed, HBM) | prefill temp |")
+    print("|---|---|---|---|---|---|---|")
     for b, r in results.items():
         parts = r["read_once_parts"]
-        print(f"| {b} | {r['bytes_accessed_per_step'] / gib:.2f} GiB | {r['read_once_bytes_per_step'] / gib:.2f} GiB "
+        hbm = r.get("hbm_bytes_per_step")
+        hbm_ratio = "-" if hbm is None else f"{hbm / r['read_once_bytes_per_step']:.2f}x"
+        hbm_ms = "-" if hbm is None else f"{hbm / 819e9 * 1e3:.2f} ms"
+        hbm_gib = "not measured" if hbm is None else f"{hbm / gib:.2f} GiB"
+        print(f"| {b} | {r['bytes_accessed_per_step'] / gib:.2f} GiB | "
+              f"{hbm_gib} | {r['read_once_bytes_per_step'] / gib:.2f} GiB "
               f"({parts['decoder_params'] / gib:.2f} + {parts['kv_cache'] / gib:.2f} + {parts['visual_cache'] / gib:.3f}) | "
-              f"{r['bytes_accessed_over_read_once']:.2f}x | {r['seconds_per_step_bandwidth_bound'] * 1e3:.2f} ms | "
+              f"{r['bytes_accessed_over_read_once']:.2f}x, "
+              f"{hbm_ratio} | {r['seconds_per_step_bandwidth_bound'] * 1e3:.2f} ms, {hbm_ms} | "
               f"{r['prefill_temp_bytes'] / gib:.2f} GiB |")
 
 

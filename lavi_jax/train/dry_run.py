@@ -44,7 +44,7 @@ from lavi_jax.data.batch import BatchSpec
 from lavi_jax.generate import Generator
 from lavi_jax.models import anyres
 from lavi_jax.models.lavi import LaVi
-from lavi_jax.train import topology as topo
+from lavi_jax.train import hlo_traffic, topology as topo
 from lavi_jax.train.step import jit_train_step
 
 PROGRAMS = ("train", "prefill", "decode")
@@ -261,7 +261,9 @@ def decode_traffic(config, mesh, chip, *, batch: int, prompt_len: int, frames: i
     figure is one token's step plus what the program does once per generation (the first token's sampling, layout
     changes of the cache on entry and exit). ``state``: the prefill's compiled outputs when ``config`` is already
     unrolled. It also counts the chip's on-chip copies of weights (prefetches into
-    faster memory), so it bounds the HBM traffic from above."""
+    faster memory), so it bounds the HBM traffic from above. ``hbm_bytes_per_step``: the HBM bytes one iteration of
+    the compiled loop reads and writes (operands and results in memory space 0 only, on-chip copies not counted:
+    :mod:`lavi_jax.train.hlo_traffic`), for the TPU compiler's programs."""
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.model.scan_layers = False
@@ -286,6 +288,12 @@ def decode_traffic(config, mesh, chip, *, batch: int, prompt_len: int, frames: i
            "bytes_accessed_over_read_once": accessed / floor}
     if chip is not None and chip.hbm_bytes_per_second:
         out["seconds_per_step_bandwidth_bound"] = accessed / chip.hbm_bytes_per_second
+    if chip is not None and chip.platform == "tpu":  # memory spaces are the TPU compiler's layouts
+        hbm = hlo_traffic.loop_hbm_traffic(compiled.as_text())
+        out.update(hbm_bytes_per_step=hbm["bytes"], hbm_read_bytes_per_step=hbm["read"],
+                   hbm_written_bytes_per_step=hbm["written"], hbm_bytes_over_read_once=hbm["bytes"] / floor)
+        if chip.hbm_bytes_per_second:
+            out["seconds_per_step_hbm_bound"] = hbm["bytes"] / chip.hbm_bytes_per_second
     return out
 
 
@@ -397,4 +405,7 @@ def format_report(r: dict) -> str:
             lines.append(f"    one step accesses {gib(p['bytes_accessed_per_step']).strip()} per device, "
                          f"{p['bytes_accessed_over_read_once']:.2f}x the read-once floor "
                          f"{gib(p['read_once_bytes_per_step']).strip()} (decoder weights, KV and visual caches){bound}")
+        if "hbm_bytes_per_step" in p:
+            lines.append(f"    of which HBM (on-chip copies not counted): {gib(p['hbm_bytes_per_step']).strip()}, "
+                         f"{p['hbm_bytes_over_read_once']:.2f}x the floor")
     return "\n".join(lines)
