@@ -22,8 +22,7 @@ Options (``write_synthetic_vqa``):
 * ``sentences``: answers restate their subject: "The circle is red.", "The
   square is on the left.", "There are two shapes."
 * ``train_kinds``: the training records' kinds, asked in turn (a kind
-  listed twice is asked twice as often; held-out records always ask the
-  three kinds above in turn). Besides those, one may add
+  listed twice is asked twice as often). Besides the three above, one may add
 
   - shape: "What shape is red?" -> "circle" | "square" | "triangle"
   - caption: "Describe the image." -> "red circle left, blue square right"
@@ -33,6 +32,12 @@ Options (``write_synthetic_vqa``):
   that many questions (kinds in random order, one of each before any
   repeats), as in LLaVA's instruction data; ``question_type`` / ``answer``
   then describe the last turn.
+* ``eval_kinds``: the held-out records' kinds, asked in turn (default the
+  three above), e.g. ``("shape",)`` to test a kind the model never trained on.
+* ``eval_unseen``: every held-out image differs from every training image
+  (a held-out scene drawn again as long as its image is a training one).
+  Off by default: in a 4 x 4 grid there are only 288 one-shape scenes, so a
+  large training set holds most of them.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 NUMBERS = ("one", "two", "three")
-QUESTION_TYPES = ("colour", "count", "side")  # the held-out kinds
+QUESTION_TYPES = ("colour", "count", "side")  # the default held-out kinds
 EXTRA_TYPES = ("shape", "caption")  # may be added to the training records
 _TEMPLATES = {
     "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?"),
@@ -162,14 +167,22 @@ def make_question(rng: np.random.Generator, scene: list[dict[str, Any]], kind: s
     return template.format(shape=target["shape"]), answer
 
 
+def scene_key(scene: list[dict[str, Any]]) -> tuple:
+    """What a scene's image shows, order-free: two scenes with one key draw the same pixels."""
+    return tuple(sorted((s["shape"], s["colour"], tuple(s["box"])) for s in scene))
+
+
 def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size: int,
                turns: int = 1, kinds: tuple[str, ...] = QUESTION_TYPES, grid: int = 0,
-               sentences: bool = False, jitter: bool = True) -> list[dict[str, Any]]:
-    """Draws and saves the images of one split; returns its LLaVA records (``turns`` questions each)."""
+               sentences: bool = False, jitter: bool = True, exclude: frozenset = frozenset()) -> list[dict[str, Any]]:
+    """Draws and saves the images of one split; returns its LLaVA records (``turns`` questions each).
+    A scene whose :func:`scene_key` is in ``exclude`` is drawn again."""
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     records = []
     for i in range(num_records):
         scene = make_scene(rng, image_size, grid, jitter)
+        while exclude and scene_key(scene) in exclude:
+            scene = make_scene(rng, image_size, grid, jitter)
         if turns == 1:
             asked = [kinds[i % len(kinds)]]
         else:
@@ -198,7 +211,7 @@ def make_split(out_dir: str, split: str, num_records: int, seed: int, image_size
 def write_synthetic_vqa(
     out_dir: str, num_train: int = 3000, num_eval: int = 300, seed: int = 0, image_size: int = 64,
     train_turns: int = 1, train_kinds: tuple[str, ...] = QUESTION_TYPES, grid: int = 0, sentences: bool = False,
-    jitter: bool = True,
+    jitter: bool = True, eval_kinds: tuple[str, ...] = QUESTION_TYPES, eval_unseen: bool = False,
 ) -> dict[str, str]:
     """Writes ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
 
@@ -212,10 +225,15 @@ def write_synthetic_vqa(
     }
     if train_turns < 1:
         raise ValueError(f"train_turns must be at least 1, got {train_turns}")
-    unknown = set(train_kinds) - set(QUESTION_TYPES + EXTRA_TYPES)
-    if unknown or not train_kinds:
-        raise ValueError(f"train_kinds {tuple(train_kinds)}: each must be one of {QUESTION_TYPES + EXTRA_TYPES}")
-    for split, count, turns, kinds in (("train", num_train, train_turns, tuple(train_kinds)), ("eval", num_eval, 1, QUESTION_TYPES)):
-        records = make_split(out_dir, split, count, seed, image_size, turns, kinds, grid, sentences, jitter)
+    for name, kinds in (("train_kinds", train_kinds), ("eval_kinds", eval_kinds)):
+        if set(kinds) - set(QUESTION_TYPES + EXTRA_TYPES) or not kinds:
+            raise ValueError(f"{name} {tuple(kinds)}: each must be one of {QUESTION_TYPES + EXTRA_TYPES}")
+    seen = frozenset()
+    for split, count, turns, kinds in (("train", num_train, train_turns, tuple(train_kinds)),
+                                       ("eval", num_eval, 1, tuple(eval_kinds))):
+        records = make_split(out_dir, split, count, seed, image_size, turns, kinds, grid, sentences, jitter,
+                             exclude=seen)
         storage.write_json(paths[f"{split}_json"], records, indent=1)
+        if eval_unseen:
+            seen = frozenset(scene_key(r["scene"]) for r in records)
     return paths
