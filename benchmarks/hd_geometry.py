@@ -22,9 +22,10 @@ under OneVision's geometry (SigLIP 384 px / patch 14 = 729 tokens per tile,
   conditioners' visual keys/values), exact sizes from the abstract state;
   compiled runs add XLA's peak of the generation programs (``peak_bytes``).
 * Per-request cache (:func:`measure_cache`): LaVi-HD's text KV cache plus its
-  visual cache for each ``conditioner.kv_share`` option (``KV_SHARE``) against
-  concat's KV cache, exact sizes of the prefill state's abstract shapes
-  (``python -m benchmarks.hd_geometry`` prints them).
+  visual cache for each ``conditioner.kv_share`` option (``KV_SHARE``), and for the
+  video also with ``projector.video_pool=2`` (frames pooled to 14x14 as OneVision
+  pools its video tokens), against concat's KV cache, exact sizes of the prefill
+  state's abstract shapes (``python -m benchmarks.hd_geometry`` prints them).
 * Latency (``--sections`` ``hd``, CPU): the same token counts at the scaled-down
   geometry of :mod:`benchmarks.latency`, medians of interleaved runs.
 """
@@ -87,11 +88,14 @@ def geometry(pinpoints, tile: int = 384) -> dict[str, dict]:
     return out
 
 
-def hd_config(scaled: bool = False, dtype: str | None = None, kv_share: str = "none") -> C.ConfigDict:
-    """The 7B LaVi config with OneVision's anyres geometry (LaVi-HD)."""
+def hd_config(scaled: bool = False, dtype: str | None = None, kv_share: str = "none", video_pool: int = 1) -> C.ConfigDict:
+    """The 7B LaVi config with OneVision's anyres geometry (LaVi-HD); ``video_pool`` > 1: the same model for
+    videos with their frames pooled (anyres off: a video uses no tiles, and pooling reads several frames as one video)."""
     m = common.model_config("modulation", scaled=scaled, dtype=dtype)
     m.conditioner.kv_share = kv_share
-    m.anyres.update(enabled=True, pinpoints=C.ONEVISION_PINPOINTS, max_crops=36, aspect=ASPECT, tile_embedding="grid")
+    m.anyres.update(enabled=video_pool == 1, pinpoints=C.ONEVISION_PINPOINTS, max_crops=36, aspect=ASPECT,
+                    tile_embedding="grid")
+    m.projector.video_pool = video_pool
     return m
 
 
@@ -191,7 +195,9 @@ def measure_cache(geo: dict, options=KV_SHARE, log=print) -> dict:
     llm = LaVi(_llm_config())
     llm_p, _ = sharding.abstract_params(llm, jnp.zeros((1, 8), jnp.int32))
     llm_gen = Generator(llm, max_new_tokens=common.NEW_TOKENS, buckets=None)
+    pooled = {f"{o}, video_pool=2": o for o in options}  # videos only: frames pooled as OneVision pools them
     models = {o: LaVi(hd_config(kv_share=o)) for o in options}
+    models.update({k: LaVi(hd_config(kv_share=o, video_pool=2)) for k, o in pooled.items()})
     params = {o: sharding.abstract_params(m, jnp.zeros((1, 8), jnp.int32))[0] for o, m in models.items()}
     out = {}
     for name, g in geo.items():
@@ -199,6 +205,8 @@ def measure_cache(geo: dict, options=KV_SHARE, log=print) -> dict:
         concat = common.tree_bytes(jax.eval_shape(llm_gen.prefill, llm_p, text, text)["cache"])
         row = {"tiles": g["tiles"], "concat_kv_bytes": concat}
         for o, model in models.items():
+            if o in pooled and g["kind"] != "video":
+                continue
             pix, mask, sizes = _abstract_pixels(model.config, g["tiles"], g["image_size"])
             args = (ids, ids, pix, mask, sizes)  # a video's image_sizes are (0, 0)
             gen = Generator(model, max_new_tokens=common.NEW_TOKENS, buckets=None)
@@ -208,7 +216,7 @@ def measure_cache(geo: dict, options=KV_SHARE, log=print) -> dict:
         out[name] = row
         log(f"  hd cache {name:>24}: concat {concat / 2**20:.1f} MiB; LaVi-HD " + ", ".join(
             f"kv_share={o} {(r['kv_cache_bytes'] + r['visual_cache_bytes']) / 2**20:.1f} MiB ({r['ratio']:.2f}x)"
-            for o, r in ((o, row[o]) for o in options)))
+            for o, r in ((o, row[o]) for o in models if o in row)))
     return out
 
 

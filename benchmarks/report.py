@@ -147,6 +147,11 @@ def hd_rows(h: dict, platform: str) -> list[tuple[str, ...]]:
                     f"LaVi-HD {_gb(lv['kv_cache_bytes'] + lv['visual_cache_bytes'])}", f"concat {_gb(cc['kv_cache_bytes'])}",
                     f"{s['cache_ratio']:.2f}x; with weights {_gb(lv_total)} vs {_gb(cc_total)} = {lv_total / cc_total:.2f}x",
                     f"{PAPER['memory_ratio']}x"))
+    for name, row in h.get("cache", {}).items():  # per conditioner.kv_share option (and video_pool for the video)
+        for opt, r in ((k, v) for k, v in row.items() if isinstance(v, dict)):
+            out.append(("Per-request cache, 7B f32 (text KV + visual K/V vs concat's KV)", f"{name}: kv_share={opt}",
+                        f"LaVi-HD {_gb(r['kv_cache_bytes'] + r['visual_cache_bytes'])}",
+                        f"concat {_gb(row['concat_kv_bytes'])}", f"{r['ratio']:.2f}x", "<= 0.5x"))
     where = "GPU" if platform == "gpu" else "CPU, scaled"
     for name, s in h.get("latency", {}).items():
         out.append((f"End-to-end, 32 new tokens, OneVision geometry ({where})", f"{name}: {s['tiles']} tiles",

@@ -87,6 +87,12 @@ class Projector(nn.Module):
         x = self.linear_1(x)
         if self.cfg["type"] == "mlp2x_gelu":
             x = self.linear_2(F.gelu(x))
+        vp = self.cfg.get("video_pool", 1)
+        if Fr > 1 and vp > 1:  # a video's frames, pooled as LLaVA-OneVision pools its video tokens
+            out = -(-side // vp)
+            y = x.reshape(B * N * Fr, side, side, -1).permute(0, 3, 1, 2)
+            y = F.interpolate(y, size=(out, out), mode="bilinear", align_corners=False)
+            x, side = y.permute(0, 2, 3, 1).reshape(B, N, Fr, out * out, -1), out
         temporal = 0
         if self.cfg["temporal_embedding"]:  # frames past max_frames are image crops (tile-embedded) or padding
             frames = torch.arange(Fr).clamp(max=self.cfg["max_frames"] - 1)

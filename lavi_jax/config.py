@@ -67,6 +67,9 @@ def projector(**overrides) -> ConfigDict:
     c.pool = 1  # spatial average pooling window (2 = 2x2 pooling, 4x fewer tokens)
     c.max_frames = 32  # size of the learned temporal embedding table
     c.temporal_embedding = True  # add a learned per-frame embedding before concatenating frames
+    # 2: each frame of a video (an item of several frames; modulation without anyres) resized bilinearly to
+    # ceil(side / 2) per side after projection, as LLaVA-OneVision pools video tokens (27x27 -> 14x14)
+    c.video_pool = 1
     c.update(overrides)
     return c
 
@@ -205,6 +208,7 @@ def train(**overrides) -> ConfigDict:
     c.num_steps = 1000
     c.batch_size = 32  # global batch (all processes)
     c.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
+    c.loss_chunk = 0  # positions per chunk of LM head + cross-entropy, recomputed in the backward (0: whole rows)
     c.learning_rate = 1e-4
     c.warmup_steps = 100
     c.end_lr_fraction = 0.0  # cosine decays to learning_rate * end_lr_fraction

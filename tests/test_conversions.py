@@ -325,6 +325,7 @@ VARIANTS = {
     "shared-attn-scale-linear": dict(conditioner=dict(shared=True, norms=("attn",), params=("scale",)), projector=dict(type="linear")),
     "kv-share-all-scan": dict(conditioner=dict(kv_share="all"), projector=dict(), scan=True),
     "kv-share-1-final": dict(conditioner=dict(kv_share="1", final_norm=True, norms=("mlp",)), projector=dict()),
+    "kv-share-all-video-pool2": dict(conditioner=dict(kv_share="all"), projector=dict(video_pool=2)),
 }
 
 

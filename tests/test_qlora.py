@@ -125,3 +125,15 @@ def test_qlora_run_saves_adapters_only_resumes_and_merges_to_float(vqa, tmp_path
     want = np.asarray(lora.wrap(lavi_jax.LaVi(cfg().model), checkpoint.lora_spec(cfg())).apply(
         {"params": jax.device_get(straight.params)}, *inputs))
     np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, *inputs)), want, atol=1e-4)
+
+
+def test_trainable_over_a_quantized_kernel_fails_naming_it():
+    config = config_for("int8")
+    config.train.trainable = "projector+conditioners+llm"
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:2])
+    params = jax.eval_shape(lambda: checkpoint.initial_params(config, mesh))
+    with pytest.raises(ValueError, match=r"holds quantized \(e\.g\. llm/.*/kernel"):
+        training.partition(params, training.run_patterns(config.train))
+    config.train.trainable = "projector+conditioners"  # adapters only over the quantized kernels: accepted
+    trainable, _ = training.partition(params, training.run_patterns(config.train))
+    assert any(k[-1] == "lora_a" for k in traverse_util.flatten_dict(trainable))

@@ -43,12 +43,12 @@ REMAT_POLICIES = {
 class DecoderOutput:
     """What a decoder call returns.
 
-    logits: [B, T, vocab] float32 (T' positions with ``logits_at``).
+    logits: [B, T, vocab] float32 (T' positions with ``logits_at``); None from a call with ``logits=False``.
     hidden: [B, T, D] the final norm's output, the LM head's input (T' positions with ``logits_at``).
     cache: the updated KV cache ``{"k", "v"}`` [L, B, S, K, D] when one was given, else None.
     """
 
-    logits: jax.Array
+    logits: Optional[jax.Array]
     hidden: jax.Array
     cache: Optional[dict] = None
 
@@ -324,9 +324,14 @@ class Decoder(nn.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
 
+    def head(self, h: jax.Array) -> jax.Array:
+        """The LM head: the final norm's output [B, T, D] -> logits [B, T, vocab] float32."""
+        logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
+        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                  query_index=None, visual: VisualContext | None = None, cache=None, cache_index=None,
-                 logits_at=None, segment_ids=None) -> DecoderOutput:
+                 logits_at=None, segment_ids=None, logits: bool = True) -> DecoderOutput:
         c = self.cfg
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         h = sharding.constrain(h, ("batch", "length", "embed"))
@@ -361,12 +366,7 @@ class Decoder(nn.Module):
                 at = lambda a: None if a is None else jnp.take_along_axis(a, logits_at, axis=1)
                 visual = visual.replace(query_index=at(visual.query_index), query_segment=at(visual.query_segment))
         h = self.norm(h, visual)
-        if c.tie_word_embeddings:
-            logits = self.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        return DecoderOutput(logits=logits, hidden=h, cache=new_cache)
+        return DecoderOutput(logits=self.head(h) if logits else None, hidden=h, cache=new_cache)
 
 
 def query_indices(cache_index, batch: int, length: int) -> jax.Array:

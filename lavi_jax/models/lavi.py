@@ -103,6 +103,10 @@ class LaVi(nn.Module):
                            c.get("attention", "auto"))  # configs saved before the knob existed lack it
         if c.fusion != "none":
             self.vision = VisionTower(c.vision, dt, pdt, c.get("attention", "auto"))
+            if c.projector.get("video_pool", 1) > 1 and (not modulation or anyres.enabled(c)):
+                raise ValueError(f"projector.video_pool={c.projector.video_pool} pools items of several frames, which "
+                                 "only modulation without anyres reads as videos (fusion="
+                                 f"{c.fusion!r}, anyres.enabled={anyres.enabled(c)})")
             anyres.validate(c)
             if c.fusion == "concat" and anyres.enabled(c) and c.anyres.newline:
                 init = nn.initializers.normal(c.llm.hidden_size**-0.5)  # HF's initialisation
@@ -146,8 +150,9 @@ class LaVi(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, item_mask=None, *, attention_mask=None, position_ids=None,
                 cache=None, cache_index=None, use_visual_cache: bool = False, logits_at=None,
-                segment_ids=None, image_sizes=None) -> DecoderOutput:
-        """The full output: logits and hidden at the text positions, and the updated KV cache when given."""
+                segment_ids=None, image_sizes=None, logits: bool = True) -> DecoderOutput:
+        """The full output: logits and hidden at the text positions, and the updated KV cache when given;
+        ``logits=False`` skips the LM head (``logits`` None: :meth:`head` applies it, e.g. chunk by chunk)."""
         c = self.config
         B, T = input_ids.shape
         if pixel_values is None and c.fusion != "none" and self.is_initializing():
@@ -162,7 +167,7 @@ class LaVi(nn.Module):
             attention_mask = jnp.ones(input_ids.shape if cache is None or concat else (B, cache["k"].shape[2]), jnp.int32)
         if concat:
             return self._concat(input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at,
-                                segment_ids, image_sizes)
+                                segment_ids, image_sizes, logits)
 
         query_index = query_indices(cache_index, B, T)
         start = query_index[:, :1, None]  # [B, 1, 1] each row's first index (per row when continuously batched)
@@ -173,7 +178,7 @@ class LaVi(nn.Module):
         visual = None
         if c.fusion == "modulation" and use_visual_cache:
             key_index, kv = self.conditioner_kv(None)
-            visible = visible_mask(key_index, query_index, tokens_per_frame(c))
+            visible = visible_mask(key_index, query_index, tokens_per_frame(c, key_index.shape[2]))
             visual = VisualContext(None, key_index, query_index, visible=visible, kv=kv or None,
                                    kv_group=tuple(self._kv_groups.items()))
         elif c.fusion == "modulation" and pixel_values is not None:
@@ -199,10 +204,14 @@ class LaVi(nn.Module):
                                    kv or None, tuple(self._kv_groups.items()))
         return self.llm(input_ids, visual=visual, logits_at=logits_at, attention_mask=attention_mask,
                         position_ids=position_ids, query_index=query_index, cache=cache, cache_index=cache_index,
-                        segment_ids=segment_ids)
+                        segment_ids=segment_ids, logits=logits)
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """The LM head on ``forward(...).hidden`` [B, T, D] -> logits [B, T, vocab] float32."""
+        return self.llm.head(hidden)
 
     def _concat(self, input_ids, pixel_values, item_mask, attention_mask, cache, cache_index, logits_at,
-                segment_ids=None, image_sizes=None):
+                segment_ids=None, image_sizes=None, logits=True):
         """LLaVA-style: splice each item's visual tokens in place of its placeholder."""
         c = self.config
         B, N = pixel_values.shape[:2]
@@ -230,4 +239,4 @@ class LaVi(nn.Module):
             segments = splice_segments(segment_ids, layout)
             positions = segment_positions(segments, layout.mask)
         return self.llm(inputs_embeds=embeds, attention_mask=llm_mask, position_ids=positions,
-                        cache=cache, cache_index=cache_index, logits_at=at, segment_ids=segments)
+                        cache=cache, cache_index=cache_index, logits_at=at, segment_ids=segments, logits=logits)

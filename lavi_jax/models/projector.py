@@ -5,6 +5,9 @@ per frame (CLS already dropped). Steps:
 
 1. optional ``pool`` x ``pool`` average pooling of each frame's grid;
 2. ``mlp2x_gelu`` (Linear, GELU, Linear, as LLaVA) or ``linear``;
+   with ``video_pool`` > 1 and F > 1 frames (a video), each frame's grid is then
+   resized bilinearly to ``ceil(side / video_pool)`` per side (OneVision's video
+   pooling; for modulation without anyres, where F > 1 means a video);
 3. a learned temporal embedding per frame index (``temporal_embedding``),
    after which an item's frames are read as one sequence of F * P' tokens.
    With ``tile_grid`` (LaVi-HD: anyres with ``tile_embedding="grid"``) the
@@ -48,9 +51,25 @@ def grid_side(num_tokens: int) -> int:
     return side
 
 
-def tokens_per_frame(model_cfg: Any) -> int:
-    """P': visual tokens per frame after the projector, from ``config.model`` (its vision and projector)."""
-    return pooled_side(grid_side(num_features_tokens(model_cfg.vision)), model_cfg.projector.pool) ** 2
+def video_side(side: int, video_pool: int) -> int:
+    """Side of a video frame's ``side`` x ``side`` grid after ``projector.video_pool`` (ceil, as OneVision)."""
+    return -(-side // video_pool) if video_pool > 1 else side
+
+
+def tokens_per_frame(model_cfg: Any, num_frames: int = 1) -> int:
+    """P': visual tokens per frame after the projector, from ``config.model`` (its vision and projector); items of
+    ``num_frames`` > 1 frames are videos, pooled by ``projector.video_pool``."""
+    side = pooled_side(grid_side(num_features_tokens(model_cfg.vision)), model_cfg.projector.pool)
+    return (video_side(side, model_cfg.projector.get("video_pool", 1)) if num_frames > 1 else side) ** 2
+
+
+def resize_frames(x: jax.Array, side: int, out: int) -> jax.Array:
+    """[..., side * side, C] -> [..., out * out, C]: bilinear with half-pixel centres and no antialiasing
+    (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``, which OneVision's video pooling uses)."""
+    lead, C = x.shape[:-2], x.shape[-1]
+    grid = x.reshape((-1, side, side, C))
+    y = jax.image.resize(grid, (grid.shape[0], out, out, C), "bilinear", antialias=False)
+    return y.astype(x.dtype).reshape(lead + (out * out, C))
 
 
 class Projector(nn.Module):
@@ -82,6 +101,9 @@ class Projector(nn.Module):
             x = dense(self.features, ("vit_embed", self.out_name), name="linear_1", **kw)(x)
         else:
             raise ValueError(f"unknown projector.type {c.type!r} (mlp2x_gelu | linear)")
+        if F > 1 and c.get("video_pool", 1) > 1:  # a video: frames pooled (a per-frame embedding added after commutes)
+            pooled = video_side(out_side, c.video_pool)
+            x, out_side = resize_frames(x, out_side, pooled), pooled
         temporal = 0
         if c.temporal_embedding:
             if F > c.max_frames and self.tile_grid == (0, 0):

@@ -58,40 +58,59 @@ class Slots:
         self.visual_shape = tuple(visual_shape) if visual_shape and c.fusion == "modulation" else None
         self.num_traces = {"prefill": 0, "step": 0}
         self.cache = self.mask = self.visual = None  # allocated by the first insert, under the caller's mesh
+        self._shardings = None  # the state's, when the params have a mesh
         self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache", "mask", "visual"))
         self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
 
-    def allocate(self, params) -> None:
-        """Allocates the slots' state (once; ``insert`` calls it) as a program's output, so that it has the
-        type every later call returns (the current mesh's; else each program would be traced twice). The
-        visual cache's shapes (modulation) come from one abstract prefill."""
-        if self.cache is not None:
-            return
+    def state_shapes(self, params) -> tuple:
+        """The slots' state (cache, mask, visual) as ShapeDtypeStructs, on the params' mesh when they have one: the
+        KV cache by ``CACHE_AXES``, the visual cache's slot axis over the batch axes and its keys' / values' heads
+        over the head axis (each where the mesh divides it), the mask replicated. Works on abstract params (the
+        serving capacity benchmark compiles the programs for it). The visual cache's shapes (modulation) come from
+        one abstract prefill."""
         c = self.model.config
         visual = None
         if self.visual_shape is not None:
             N, F, H, W = self.visual_shape
-            ids = jnp.zeros((1, 8), jnp.int32)
-            sizes = jnp.zeros((1, N, 2), jnp.int32) if self.anyres else None
-            shapes = jax.eval_shape(functools.partial(self._forward_prefill, ids=ids, mask=jnp.ones_like(ids)),
-                                    params, jnp.zeros((1, N, F, H, W, 3), jnp.float32), jnp.zeros((1, N, F), jnp.bool_),
-                                    sizes)[3]
+            ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+            sizes = jax.ShapeDtypeStruct((1, N, 2), jnp.int32) if self.anyres else None
+            shapes = jax.eval_shape(lambda p, x, m, z, i: self._forward_prefill(p, x, m, z, ids=i, mask=i), params,
+                                    jax.ShapeDtypeStruct((1, N, F, H, W, 3), jnp.float32),
+                                    jax.ShapeDtypeStruct((1, N, F), jnp.bool_), sizes, ids)[3]
             visual = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(s.shape[:a] + (self.num_slots,) + s.shape[a + 1:],
                                                                     s.dtype), shapes, visual_cache_batch_axes(shapes))
-
-        def zeros():
-            cache = init_cache(c.llm, self.num_slots, self.max_len, c.dtype)
-            vc = None if visual is None else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), visual)
-            return cache, jnp.zeros((self.num_slots, self.max_len), jnp.int32), vc
-
-        state = jax.jit(zeros)()
+        cache = jax.eval_shape(lambda: init_cache(c.llm, self.num_slots, self.max_len, c.dtype))
+        mask = jax.ShapeDtypeStruct((self.num_slots, self.max_len), jnp.int32)
         mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
                      if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-        if mesh is not None:  # on the params' mesh, as every program's outputs are
-            cache = sharding.logical_to_sharding(jax.tree.map(lambda _: PartitionSpec(*CACHE_AXES), state[0]), mesh,
-                                                 state[0], uneven=None)
-            state = jax.device_put(state, (cache, NamedSharding(mesh, PartitionSpec()),
-                                           jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state[2])))
+        if mesh is None:
+            return cache, mask, visual
+
+        def visual_axes(a, x):  # [.., slots, S, heads, head_dim] keys / values; else only the slot axis
+            names = [None] * x.ndim
+            names[a] = "batch"
+            if x.ndim - a == 4:
+                names[-2] = "heads"
+            return PartitionSpec(*names)
+
+        specs = (jax.tree.map(lambda _: PartitionSpec(*CACHE_AXES), cache), PartitionSpec(),
+                 None if visual is None else jax.tree.map(visual_axes, visual_cache_batch_axes(visual), visual))
+        shardings = sharding.logical_to_sharding(specs, mesh, (cache, mask, visual), uneven=None)
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), (cache, mask, visual),
+                            shardings)
+
+    def allocate(self, params) -> None:
+        """Allocates the slots' state (once; ``insert`` calls it) as a program's output with the shardings of
+        :meth:`state_shapes`, the type every later call returns (else each program would be traced twice)."""
+        if self.cache is not None:
+            return
+        shapes = self.state_shapes(params)
+        zeros = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        if jax.tree.leaves(shapes)[0].sharding is not None:
+            self._shardings = jax.tree.map(lambda x: x.sharding, shapes)
+            state = jax.jit(zeros, out_shardings=self._shardings)()
+        else:
+            state = jax.jit(zeros)()
         self.cache, self.mask, self.visual = state
 
     # -- host-side helpers
@@ -133,6 +152,8 @@ class Slots:
         if visual is not None:
             visual = jax.tree.map(lambda a, b, ax: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot, ax),
                                   visual, vc, visual_cache_batch_axes(vc))
+        if self._shardings is not None:  # the state keeps its shardings (one program type per call)
+            mask, visual = jax.lax.with_sharding_constraint((mask, visual), self._shardings[1:])
         keys = jax.random.fold_in(jax.random.key(seed), 0)[None]
         first = sample_rows(logits, keys, temperature[None], top_k[None], top_p[None])[0]
         return cache, mask, visual, first, position[0]

@@ -64,6 +64,10 @@ def partition(params: Any, patterns) -> tuple[dict, dict]:
     flat = traverse_util.flatten_dict(params)
     t = {k: v for k, v in flat.items() if is_trainable(k, patterns)}
     f = {k: v for k, v in flat.items() if not is_trainable(k, patterns)}
+    held = sorted("/".join(k) for k, v in t.items() if k[-1] == lora.SCALE or jnp.issubdtype(v.dtype, jnp.integer))
+    if held:  # a gradient of an integer kernel is meaningless, and its scale alone would not train the weight
+        raise ValueError(f"train.trainable selects {len(held)} kernels that train.lora.quantize holds quantized "
+                         f"(e.g. {held[0]}); train them through their adapters, or leave them out of trainable")
     return traverse_util.unflatten_dict(t), traverse_util.unflatten_dict(f)
 
 

@@ -31,17 +31,37 @@ from lavi_jax.train.optimizer import learning_rate_schedule, make_optimizer, mer
 from lavi_jax.train.state import TrainState, state_shardings
 
 
-def loss_terms(model: nn.Module, params: Any, batch: dict, rngs: dict | None = None) -> tuple[jax.Array, jax.Array]:
+def loss_terms(model: nn.Module, params: Any, batch: dict, rngs: dict | None = None,
+               chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """(sum of target-token NLL, number of target tokens) for a batch (packed when it has ``segment_ids``);
-    ``rngs``: e.g. ``{"dropout": key}`` for LoRA dropout."""
-    logits = model.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"), batch.get("item_mask"),
-                         attention_mask=batch["attention_mask"], position_ids=batch.get("positions"),
-                         segment_ids=batch.get("segment_ids"), image_sizes=batch.get("image_sizes"),
-                         **({"rngs": rngs} if rngs else {}))
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    ``rngs``: e.g. ``{"dropout": key}`` for LoRA dropout. ``chunk`` > 0 runs the LM head and the cross-entropy
+    over ``chunk`` positions at a time under ``jax.checkpoint``, so only one chunk's float32 logits
+    [B, chunk, vocab] are live, forward and backward (at 7B: 152k-entry vocabulary)."""
+    out = model.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"), batch.get("item_mask"),
+                      attention_mask=batch["attention_mask"], position_ids=batch.get("positions"),
+                      segment_ids=batch.get("segment_ids"), image_sizes=batch.get("image_sizes"),
+                      logits=not chunk, method=LaVi.forward, **({"rngs": rngs} if rngs else {}))
+    targets = batch["input_ids"][:, 1:]
     w = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    return jnp.sum(nll * w), jnp.sum(w)
+    if not chunk:
+        logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32))
+        nll = -jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
+        return jnp.sum(nll * w), jnp.sum(w)
+    B, T = targets.shape
+    n = -(-T // chunk)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk - T)) + ((0, 0),) * (x.ndim - 2))
+    blocks = lambda x: jnp.swapaxes(pad(x).reshape((B, n, chunk) + x.shape[2:]), 0, 1)  # [n, B, chunk, ...]
+
+    @jax.checkpoint
+    def nll_sum(h, t, wt, i):
+        kw = {"rngs": {k: jax.random.fold_in(r, i) for k, r in rngs.items()}} if rngs else {}
+        logits = model.apply({"params": params}, h, method=LaVi.head, **kw)  # [B, chunk, vocab] float32
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[:, :, None], axis=-1)[..., 0]
+        return jnp.sum(nll * wt)
+
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + nll_sum(*xs), None), jnp.zeros((), jnp.float32),
+                            (blocks(out.hidden[:, :-1]), blocks(targets), blocks(w), jnp.arange(n)))
+    return total, jnp.sum(w)
 
 
 def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
@@ -60,6 +80,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_co
     k = int(c.grad_accum)
     spec = lora.spec_from_config(c.get("lora"))
     dropout = spec is not None and spec.dropout > 0
+    chunk = int(c.get("loss_chunk", 0))
 
     def step(state: TrainState, batch: dict):
         trainable, frozen = partition(state.params, patterns)
@@ -74,7 +95,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, c: ml_co
             mb, j = xs
             g_sum, num_sum, den_sum = carry
             rngs = {"dropout": jax.random.fold_in(step_key, j)} if dropout else None
-            (num, den), g = jax.value_and_grad(lambda t: loss_terms(model, merge(t, frozen), mb, rngs), has_aux=True)(trainable)
+            (num, den), g = jax.value_and_grad(lambda t: loss_terms(model, merge(t, frozen), mb, rngs, chunk), has_aux=True)(trainable)
             return (jax.tree.map(jnp.add, g_sum, g), num_sum + num, den_sum + den), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
