@@ -25,7 +25,8 @@ under OneVision's geometry (SigLIP 384 px / patch 14 = 729 tokens per tile,
   visual cache for each ``conditioner.kv_share`` option (``KV_SHARE``), and for the
   video also with ``projector.video_pool=2`` (frames pooled to 14x14 as OneVision
   pools its video tokens), against concat's KV cache, exact sizes of the prefill
-  state's abstract shapes (``python -m benchmarks.hd_geometry`` prints them).
+  state's abstract shapes (``python -m benchmarks.hd_geometry`` prints them and writes
+  ``results/hd_cache.json``).
 * Latency (``--sections`` ``hd``, CPU): the same token counts at the scaled-down
   geometry of :mod:`benchmarks.latency`, medians of interleaved runs.
 """
@@ -272,5 +273,13 @@ def run(compiled: bool = False, latency: bool = True, reps: int = 3, log=print) 
     return out
 
 
-if __name__ == "__main__":
-    measure_cache(geometry(C.ONEVISION_PINPOINTS))
+if __name__ == "__main__":  # the per-request cache rows alone (abstract shapes: about a minute)
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hd_cache.json")
+    with open(path, "w") as f:
+        json.dump({"command": "python -m benchmarks.hd_geometry", "dtype": "float32",
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "cache": measure_cache(geometry(C.ONEVISION_PINPOINTS))}, f, indent=1)
+    print(f"wrote {path}")

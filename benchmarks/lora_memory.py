@@ -9,8 +9,8 @@ remat, one 729-token image per row, mesh fsdp over every chip, the LM head and l
 with projector + conditioners trained fully; full fine-tuning: ``projector+conditioners+llm``. The train step
 is compiled by libtpu for the topology's abstract chips (:func:`lavi_jax.train.dry_run.train_program`, memory
 only). Peak memory per chip is linear in the batch: each row compiles two batches, extrapolates the largest
-batch (a multiple of the chip count) under the chip's HBM and confirms it with one compile (one step down
-while it does not fit). Every compile is written to the JSON as soon as it finishes, so a killed run continues.
+batch (a multiple of the chip count) under the chip's HBM, then bisects with compiles between the largest batch
+that fits and the smallest that does not, to within 1/32. Every compile is written to the JSON as soon as it finishes, so a killed run continues.
 """
 
 from __future__ import annotations
@@ -99,16 +99,28 @@ def largest(data: dict, row: str) -> dict:
     fixed = a["peak"] - slope * a["batch"]
     guess = max(chips, int((a["hbm"] - fixed) / slope) // chips * chips) if slope > 0 else b["batch"]
     data[row].update(fixed_bytes=fixed, bytes_per_row=slope, predicted=guess)
-    while guess >= chips:
-        r = measure(data, row, guess)
-        if r["fits"]:
-            data[row]["largest"] = guess
-            break
-        guess -= chips
-    else:
-        data[row]["largest"] = 0
+    data[row]["largest"] = bisect(lambda n: measure(data, row, n)["fits"], guess, chips,
+                                  [int(k) for k, r in data[row]["compiles"].items() if r["fits"]])
     save(data)
     return data[row]
+
+
+def bisect(fits, guess: int, step: int, known_fit=()) -> int:
+    """The largest multiple of ``step`` that ``fits``, to within 1/32 (the peak is only roughly linear near the
+    HBM): from ``guess`` up by eighths while it fits, then bisection between the largest fit and the smallest
+    refusal. Returns the largest fit found."""
+    lo, hi, n = max([0, *known_fit]), None, guess
+    while hi is None:
+        if fits(n):
+            lo, n = n, n + max(step, n // 8 // step * step)
+        else:
+            hi = n
+    while hi - lo > max(step, lo // 32):
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def table(data: dict) -> str:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server under concurrent load: output tokens/s, time to first token and latency.
 
     python benchmarks/serve.py [--clients 1,4,16,64] [--requests 64] [--max-tokens 32] [--fusions modulation,concat]
+    python benchmarks/serve.py --geometry onevision --clients 1,16 --requests 16 --slots 16   # 1024x768 photos
     python benchmarks/run.py --sections serve
 
 For each fusion, a demo-sized model (configs/demo.py, random weights, byte tokenizer) is saved as a
@@ -52,8 +53,34 @@ def _random_params(config):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def _checkpoint(root: str, fusion: str) -> tuple[str, list[str]]:
+GEOMETRIES = {  # name -> (image (width, height), description)
+    "demo": ((64, 64), "configs/demo.py (random weights); one question + one 64x64 image"),
+    "onevision": ((1024, 768), "the scaled OneVision-7B geometry of benchmarks/hd_geometry.py (384-px tiles of 729 "
+                  "tokens, OneVision's pinpoints, anyres_max_9; random weights); one question + one 1024x768 photo "
+                  "(7 tiles; concat 4,725 visual tokens)"),
+}
+
+
+def _onevision_model(fusion: str, demo_model):
+    """LaVi-HD or OneVision's anyres concat at the scaled CPU geometry, with the demo tokenizer's vocabulary."""
+    from benchmarks import common, hd_geometry
+    from lavi_jax import config as C
+
+    if fusion == "modulation":
+        m = hd_geometry.hd_config(scaled=True)
+    else:
+        m = common.model_config("concat", scaled=True)
+        m.anyres.update(enabled=True, pinpoints=C.ONEVISION_PINPOINTS, max_crops=36, aspect="anyres_max_9",
+                        newline=True)  # as configs/llava_ov_7b_concat.py:anyres
+        m.projector.temporal_embedding = False
+    m.llm.vocab_size, m.image_token_id = demo_model.llm.vocab_size, demo_model.image_token_id
+    return m
+
+
+def _checkpoint(root: str, fusion: str, geometry: str = "demo") -> tuple[str, list[str]]:
     import lavi_jax
+    from PIL import Image
+
     from lavi_jax import checkpoint
     from lavi_jax.demo.synthetic import write_synthetic_vqa
 
@@ -63,7 +90,13 @@ def _checkpoint(root: str, fusion: str) -> tuple[str, list[str]]:
     config.model.fusion = fusion
     config.data.update(train_json=paths["train_json"], eval_json=paths["eval_json"], image_root=paths["image_root"])
     images = [os.path.join(paths["image_root"], s["image"]) for s in json.load(open(paths["eval_json"]))]
-    return checkpoint.save_params(os.path.join(root, fusion), config, _random_params(config)), images
+    if geometry == "onevision":
+        config.model = _onevision_model(fusion, config.model)
+        config.data.update(image_size=config.model.vision.image_size, max_images=1)
+        for k, path in enumerate(images):  # the same synthetic scenes, as 1024x768 photos
+            images[k] = os.path.join(root, f"photo{k}.png")
+            Image.open(path).convert("RGB").resize(GEOMETRIES[geometry][0]).save(images[k])
+    return checkpoint.save_params(os.path.join(root, f"{fusion}-{geometry}"), config, _random_params(config)), images
 
 
 class _Server:
@@ -122,18 +155,19 @@ async def _drive(url: str, clients: int, requests: int, urls: list[str], max_tok
 
 
 def run(fusions=("modulation", "concat"), clients=(1, 4, 16, 64), requests: int = 64, max_tokens: int = 32,
-        slots: int = 64, log=print) -> dict:
+        slots: int = 64, geometry: str = "demo", log=print) -> dict:
     """-> {"settings", fusion: {"rows": [per client count], ...}}."""
     from lavi_jax.serve.__main__ import build, parse_args
     from lavi_jax.serve.server import create_app
 
     out = {"settings": {"requests": requests, "max_tokens": max_tokens, "slots": slots, "clients": list(clients),
-                        "model": "configs/demo.py (random weights)", "prompt": "one question + one 64x64 image"}}
+                        "geometry": geometry, "model": GEOMETRIES[geometry][1]}}
     with tempfile.TemporaryDirectory() as root:
         for fusion in fusions:
-            path, images = _checkpoint(root, fusion)
+            path, images = _checkpoint(root, fusion, geometry)
             urls = ["data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in images]
-            args = parse_args(["--ckpt", path, "--slots", str(slots), "--max-len", "256", "--buckets", "64,128",
+            max_len = 256 if geometry == "demo" or fusion != "concat" else 16384  # concat: the photo's spliced prefix
+            args = parse_args(["--ckpt", path, "--slots", str(slots), "--max-len", str(max_len), "--buckets", "64,128",
                                "--max-waiting", str(max(clients) * 2)])
             engine, builder, fetcher = build(args)
             server = _Server(create_app(engine, builder, fetcher, model_name="lavi"))
@@ -163,10 +197,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--fusions", default="modulation,concat")
+    p.add_argument("--geometry", default="demo", choices=sorted(GEOMETRIES),
+                   help="demo: the demo model and 64x64 images; onevision: LaVi-HD vs OneVision's anyres concat at the "
+                        "scaled 7B geometry, 1024x768 photos")
     p.add_argument("--out", default=None, help="write the result JSON here")
     a = p.parse_args(argv)
     r = run(tuple(a.fusions.split(",")), tuple(int(c) for c in a.clients.split(",")), a.requests, a.max_tokens,
-            a.slots)
+            a.slots, a.geometry)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(r, f, indent=1)

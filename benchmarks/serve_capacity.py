@@ -10,9 +10,10 @@ visual tokens) behind a 64-token prompt, plus 32 new tokens. LaVi-HD (``hd_geome
 the text KV cache of 96 positions and the conditioners' visual keys / values of the 7 tiles, per
 ``conditioner.kv_share`` option; concat holds the KV cache of its 4,788-token prefix + 32 (its rows are the 7B
 LLaVA-OV config, prompted with that many tokens: the tower's prefill activations on 7 tiles are left out).
-A slot count fits when both programs' peaks (arguments + outputs + temp - donated, per chip) fit the chip's HBM;
-peaks are linear in the slots: two compiles per row give the fit, then the predicted count is confirmed by a
-compile (stepping down while it does not fit). Every compile is saved at once, so a killed run resumes.
+A slot count fits when the programs' peaks (arguments + outputs + temp - donated, per chip) fit the chip's HBM
+(by default the step alone: ``--programs insert,step`` adds the insert, whose temp for one request's prefill
+comes on top of the same state); peaks are linear in the slots: two compiles per row give the fit, then the
+predicted count is confirmed by compiles (bisecting where it does not fit). Every compile is saved at once, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.lora_memory import bisect  # noqa: E402  (the same largest-fit search)
+
 OUT = os.path.join(ROOT, "benchmarks", "results", "serve_capacity.json")
 TOPOLOGY, MESH = "v5e:2x4", {"data": 2, "fsdp": 1, "tensor": 4}
 TILES, CONCAT_TOKENS, IMAGE = 7, 4725, (768, 1024)  # the 1024x768 photo (benchmarks/hd_geometry.py)
-ROWS = ("lavi-hd kv_share=all", "lavi-hd kv_share=4", "lavi-hd kv_share=none", "concat")
+ROWS = ("lavi-hd kv_share=all", "lavi-hd kv_share=none", "concat", "lavi-hd kv_share=4")
+PROGRAMS = ("step",)  # --programs insert,step adds the insert program (its libtpu compile is slow on a loaded CPU)
 PROBES = (8, 32)
 STEP = MESH["data"]  # slot counts stay multiples of the data axis
 
@@ -75,7 +79,7 @@ def _setup(row: str, slots: int):
         vec(jnp.int32), vec(jnp.float32))
 
 
-def compile_one(row: str, slots: int) -> dict:
+def compile_one(row: str, slots: int, programs=PROGRAMS) -> dict:
     from lavi_jax import sharding
     from lavi_jax.train import topology as topo
 
@@ -85,13 +89,14 @@ def compile_one(row: str, slots: int) -> dict:
     out = {"slots": slots, "hbm": chip.hbm_bytes, "state_bytes": dr.bytes_per_device((cache, mask, visual)),
            "params_bytes": dr.bytes_per_device(params)}
     with sharding.use_mesh(mesh):
-        for name, lowered in (("insert", lambda: engine._prefill.lower(params, cache, mask, visual, *insert_args)),
-                              ("step", lambda: engine._step.lower(params, cache, mask, visual, *step_args))):
+        lowerings = {"insert": lambda: engine._prefill.lower(params, cache, mask, visual, *insert_args),
+                     "step": lambda: engine._step.lower(params, cache, mask, visual, *step_args)}
+        for name, lowered in ((p, lowerings[p]) for p in programs):
             compiled, refused = dr._compile(lowered(), chip, mesh.devices.flat[0])
             out[name] = refused if refused else dict(dr._memory(compiled), fits=None)
             if not refused:
                 out[name]["fits"] = out[name]["peak"] <= chip.hbm_bytes
-    out["fits"] = all(out[p]["fits"] for p in ("insert", "step"))
+    out["fits"] = all(out[p]["fits"] for p in programs)
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -107,22 +112,24 @@ def save(data: dict) -> None:
     os.replace(OUT + ".tmp", OUT)
 
 
-def measure(data: dict, row: str, slots: int) -> dict:
+def measure(data: dict, row: str, slots: int, programs=PROGRAMS) -> dict:
+    key = f"{slots} {'+'.join(programs)}"
     runs = data.setdefault(row, {}).setdefault("compiles", {})
-    if str(slots) not in runs:
-        print(f"{row}: compiling {slots} slots", file=sys.stderr, flush=True)
-        runs[str(slots)] = compile_one(row, slots)
+    if key not in runs:
+        print(f"{row}: compiling {'+'.join(programs)} for {slots} slots", file=sys.stderr, flush=True)
+        runs[key] = compile_one(row, slots, programs)
         save(data)
-    return runs[str(slots)]
+    return runs[key]
 
 
 def _peak(r: dict) -> int | None:
-    peaks = [r[p].get("peak") for p in ("insert", "step")]
+    peaks = [r[p].get("peak") for p in ("insert", "step") if p in r]
     return None if None in peaks else max(peaks)
 
 
-def largest(data: dict, row: str) -> dict:
-    a, b = (measure(data, row, n) for n in PROBES)
+def largest(data: dict, row: str, programs=PROGRAMS) -> dict:
+    measure_ = lambda n: measure(data, row, n, programs)
+    a, b = (measure_(n) for n in PROBES)
     pa, pb = _peak(a), _peak(b)
     if pa is None or pb is None:
         data[row]["largest"] = None  # refused at a probe: no fit to extrapolate
@@ -131,12 +138,9 @@ def largest(data: dict, row: str) -> dict:
     slope = (pb - pa) / (b["slots"] - a["slots"])
     fixed = pa - slope * a["slots"]
     guess = max(STEP, int((a["hbm"] - fixed) / slope) // STEP * STEP) if slope > 0 else b["slots"]
-    data[row].update(fixed_bytes=fixed, bytes_per_slot=slope, predicted=guess)
-    while guess >= STEP:
-        if measure(data, row, guess)["fits"]:
-            break
-        guess -= STEP
-    data[row]["largest"] = max(guess, 0)
+    data[row].update(fixed_bytes=fixed, bytes_per_slot=slope, predicted=guess, programs=list(programs))
+    known = [r["slots"] for k, r in data[row]["compiles"].items() if r["fits"] and k.endswith("+".join(programs))]
+    data[row]["largest"] = bisect(lambda n: measure_(n)["fits"], guess, STEP, known)
     save(data)
     return data[row]
 
@@ -151,7 +155,7 @@ def table(data: dict) -> str:
         if not d or "largest" not in d:
             lines.append(f"| {row} | not measured | | | | |")
             continue
-        r = d["compiles"].get(str(d["largest"]), {})
+        r = d["compiles"].get(f"{d['largest']} {'+'.join(d.get('programs', PROGRAMS))}", {})
         ratio = f"{d['largest'] / base:.2f}x" if base and d["largest"] is not None else ""
         lines.append(f"| {row} | {d['largest']} | {gib(r.get('insert', {}).get('peak'))}, "
                      f"{gib(r.get('step', {}).get('peak'))} | {gib(r.get('params_bytes'))} | "
@@ -162,12 +166,16 @@ def table(data: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated: insert, step")
     args = p.parse_args(argv)
+    programs = tuple(x for x in args.programs.split(",") if x)
+    if not programs or set(programs) - {"insert", "step"}:
+        raise SystemExit(f"--programs: {args.programs!r} must name insert and / or step")
     data = load()
     for row in [r for r in args.rows.split(",") if r]:
         if row not in ROWS:
             raise SystemExit(f"--rows: unknown row {row!r} (one of {', '.join(ROWS)})")
-        largest(data, row)
+        largest(data, row, programs)
     print(table(data))
 
 

@@ -13,8 +13,12 @@ from tests.small import perturb, small_config
 from tests.test_lora_train import tiny_batch
 
 
-@pytest.mark.parametrize("fusion,tied,lora_on", [("modulation", False, False), ("concat", True, False),
-                                                 ("modulation", False, True)])
+SLOW = pytest.mark.slow  # ~30 s each on 2 cores
+
+
+@pytest.mark.parametrize("fusion,tied,lora_on", [("modulation", False, False),
+                                                 pytest.param("concat", True, False, marks=SLOW),
+                                                 pytest.param("modulation", False, True, marks=SLOW)])
 def test_chunked_loss_and_gradients_equal_the_whole_row(fusion, tied, lora_on):
     config = small_config({"train_json": "unused", "eval_json": "", "image_root": ""})
     config.model.fusion = fusion

@@ -109,3 +109,29 @@ def test_queue_full_and_cancel(setup):
     req.cancel()
     assert req.done.wait(120) and req.finish_reason == "cancelled" and len(req.tokens) < 50
     assert engine.stats()["running"] == 0
+
+
+def test_slot_state_sharded_on_the_params_mesh():
+    """Abstract state on a data x tensor mesh: KV cache slots over the batch axes and KV heads over tensor; the
+    visual keys / values of every slot split the same way (slots over batch, conditioner heads over tensor)."""
+    import jax
+    import jax.numpy as jnp
+
+    import lavi_jax
+    from lavi_jax import sharding
+    from lavi_jax.serve.slots import Slots
+    from test_lavi import tiny
+
+    cfg = tiny(**{"llm.num_kv_heads": 2, "conditioner.num_heads": 2})
+    model = lavi_jax.LaVi(cfg)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, devices=jax.devices()[:4])
+    shapes, specs = sharding.abstract_params(model, jnp.zeros((1, 8), jnp.int32))
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes,
+                          sharding.logical_to_sharding(specs, mesh, shapes, uneven=None))
+    s = cfg.vision.image_size
+    cache, mask, visual = Slots(model, num_slots=4, max_len=32, pad_id=0, visual_shape=(2, 1, s, s)).state_shapes(params)
+    assert cache["k"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+    kv = [x for x in jax.tree.leaves(visual) if x.ndim >= 4]
+    assert kv and all(x.sharding.spec[x.ndim - 4] == ("data", "fsdp") and x.sharding.spec[x.ndim - 2] == "tensor"
+                      for x in kv), [x.sharding.spec for x in kv]
+    assert all(x.sharding.spec[0 if x.ndim < 4 else x.ndim - 4] == ("data", "fsdp") for x in jax.tree.leaves(visual))
