@@ -67,15 +67,16 @@ def compile_one(method: str, topology: str, batch: int) -> dict:
             "opt_state": b.get("opt_state"), "hbm": r["hbm_bytes"], "seconds": round(time.time() - t0, 1)}
 
 
-def load() -> dict:
-    return json.load(open(OUT)) if os.path.exists(OUT) else {}
+def load(path: str = OUT) -> dict:
+    return json.load(open(path)) if os.path.exists(path) else {}
 
 
-def save(data: dict) -> None:
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT + ".tmp", "w") as f:
+def save(data: dict, path: str = OUT) -> None:
+    """Writes ``data`` whole, atomically (a killed run leaves the previous file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
-    os.replace(OUT + ".tmp", OUT)
+    os.replace(path + ".tmp", path)
 
 
 def measure(data: dict, row: str, batch: int) -> dict:

@@ -170,6 +170,32 @@ def plot_tpu(r: dict, path: str) -> str | None:
     return _save(fig, plt, r, path)
 
 
+def plot_serve(r: dict, path: str) -> str | None:
+    """Output tokens/s and time to first token (p50) vs concurrent clients, LaVi vs concat."""
+    plt = _pyplot()
+    sv = r["serve"]
+    fusions = [f for f in ("modulation", "concat") if f in sv]
+    if plt is None or not fusions:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for f in fusions:
+        rows = sv[f]["rows"]
+        style = LAVI_STYLE if f == "modulation" else CONCAT_STYLE
+        x = [row["clients"] for row in rows]
+        for ax, key in zip(axes, ("tokens_per_s", "ttft_p50_s")):
+            ax.plot(x, [row[key] for row in rows], **style)
+    clients = sorted({row["clients"] for f in fusions for row in sv[f]["rows"]})
+    for ax, ylabel in zip(axes, ("output tokens/s", "time to first token, p50 (s)")):
+        ax.set_xscale("log", base=2)
+        _plain_ticks(ax, clients, base=2)
+        ax.set_xlabel("concurrent clients (closed loop, streaming)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"serving, {sv['settings'].get('model', '')[:60]}", fontsize=9)
+    return _save(fig, plt, r, path)
+
+
 def _save(fig, plt, r: dict, path: str) -> str:
     fig.suptitle(f"{r['name']}: {r['date']}", fontsize=9)
     fig.tight_layout()
@@ -185,6 +211,8 @@ def plot(r: dict, directory: str) -> str | None:
         return plot_tpu(r, path)
     if "flops" in r or "latency" in r:
         return plot_fusions(r, path)
+    if "serve" in r:
+        return plot_serve(r, path)
     return None
 
 

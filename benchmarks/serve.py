@@ -12,6 +12,10 @@ synthetic 64x64 image (a data: URL), ``max_tokens`` tokens at most. Reported per
 tokens/s (completion tokens of all requests / wall time), time to first streamed chunk and request latency
 (p50 / p99), and the speed-up over the 1-client row: the same server (same slots, same programs) with one
 client sending the same ``--requests`` requests one after another.
+
+``--geometry onevision`` serves LaVi-HD against LLaVA-OneVision's anyres concat at the scaled CPU geometry of
+:mod:`benchmarks.hd_geometry` (384-px tiles of 729 tokens, OneVision's pinpoints, ``anyres_max_9``) with the
+demo's tokenizer, and asks about 1024x768 photos (7 tiles; concat splices 4,725 visual tokens).
 """
 
 from __future__ import annotations

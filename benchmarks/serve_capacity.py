@@ -10,7 +10,8 @@ visual tokens) behind a 64-token prompt, plus 32 new tokens. LaVi-HD (``hd_geome
 the text KV cache of 96 positions and the conditioners' visual keys / values of the 7 tiles, per
 ``conditioner.kv_share`` option; concat holds the KV cache of its 4,788-token prefix + 32 (its rows are the 7B
 LLaVA-OV config, prompted with that many tokens: the tower's prefill activations on 7 tiles are left out).
-A slot count fits when the programs' peaks (arguments + outputs + temp - donated, per chip) fit the chip's HBM
+A slot count fits when the programs' peaks (arguments + outputs + temp - donated, per chip, plus the params a
+program leaves out: the step takes no vision tower, the server still holds it) fit the chip's HBM
 (by default the step alone: ``--programs insert,step`` adds the insert, whose temp for one request's prefill
 comes on top of the same state); peaks are linear in the slots: two compiles per row give the fit, then the
 predicted count is confirmed by compiles (bisecting where it does not fit). Every compile is saved at once, so a killed run resumes.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.lora_memory import bisect  # noqa: E402  (the same largest-fit search)
+from benchmarks import lora_memory  # noqa: E402  (the same largest-fit search and resumable JSON)
+from benchmarks.lora_memory import bisect  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "serve_capacity.json")
 TOPOLOGY, MESH = "v5e:2x4", {"data": 2, "fsdp": 1, "tensor": 4}
@@ -102,14 +103,11 @@ def compile_one(row: str, slots: int, programs=PROGRAMS) -> dict:
 
 
 def load() -> dict:
-    return json.load(open(OUT)) if os.path.exists(OUT) else {}
+    return lora_memory.load(OUT)
 
 
 def save(data: dict) -> None:
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(OUT + ".tmp", OUT)
+    lora_memory.save(data, OUT)
 
 
 def measure(data: dict, row: str, slots: int, programs=PROGRAMS) -> dict:
@@ -123,8 +121,21 @@ def measure(data: dict, row: str, slots: int, programs=PROGRAMS) -> dict:
 
 
 def _peak(r: dict) -> int | None:
-    peaks = [r[p].get("peak") for p in ("insert", "step") if p in r]
-    return None if None in peaks else max(peaks)
+    """The chip's peak while serving: the programs' peaks plus the params a program does not take (jit drops
+    unused arguments: the step has no vision tower, but the server holds it for the next insert)."""
+    peaks = []
+    for p in ("insert", "step"):
+        if p in r:
+            m = r[p]
+            if m.get("peak") is None:
+                return None
+            peaks.append(m["peak"] + max(0, r["params_bytes"] + r["state_bytes"] - m["arguments"]))
+    return max(peaks)
+
+
+def _fits(r: dict) -> bool:
+    p = _peak(r)
+    return p is not None and p <= r["hbm"]
 
 
 def largest(data: dict, row: str, programs=PROGRAMS) -> dict:
@@ -139,15 +150,15 @@ def largest(data: dict, row: str, programs=PROGRAMS) -> dict:
     fixed = pa - slope * a["slots"]
     guess = max(STEP, int((a["hbm"] - fixed) / slope) // STEP * STEP) if slope > 0 else b["slots"]
     data[row].update(fixed_bytes=fixed, bytes_per_slot=slope, predicted=guess, programs=list(programs))
-    known = [r["slots"] for k, r in data[row]["compiles"].items() if r["fits"] and k.endswith("+".join(programs))]
-    data[row]["largest"] = bisect(lambda n: measure_(n)["fits"], guess, STEP, known)
+    known = [r["slots"] for k, r in data[row]["compiles"].items() if _fits(r) and k.endswith("+".join(programs))]
+    data[row]["largest"] = bisect(lambda n: _fits(measure_(n)), guess, STEP, known)
     save(data)
     return data[row]
 
 
 def table(data: dict) -> str:
     gib = lambda x: "-" if x is None else f"{x / 2**30:.2f}"
-    lines = ["| Row | Concurrent photo requests (v5e-8) | Peak GiB / chip at it (insert, step) | Params GiB / chip | "
+    lines = ["| Row | Concurrent photo requests (v5e-8) | Peak GiB / chip at it | Params GiB / chip | "
              "MiB / slot / chip | vs concat |", "|---|---|---|---|---|---|"]
     base = (data.get("concat") or {}).get("largest")
     for row in ROWS:
@@ -157,8 +168,7 @@ def table(data: dict) -> str:
             continue
         r = d["compiles"].get(f"{d['largest']} {'+'.join(d.get('programs', PROGRAMS))}", {})
         ratio = f"{d['largest'] / base:.2f}x" if base and d["largest"] is not None else ""
-        lines.append(f"| {row} | {d['largest']} | {gib(r.get('insert', {}).get('peak'))}, "
-                     f"{gib(r.get('step', {}).get('peak'))} | {gib(r.get('params_bytes'))} | "
+        lines.append(f"| {row} | {d['largest']} | {gib(_peak(r) if r else None)} | {gib(r.get('params_bytes'))} | "
                      f"{(d.get('bytes_per_slot') or 0) / 2**20:.1f} | {ratio} |")
     return "\n".join(lines)
 

@@ -52,7 +52,7 @@ def test_report_rows_of_the_hd_geometry_results():
 
 
 def test_plots_rebuilt_from_stored_results_are_the_ones_linked(tmp_path):
-    """Every result with FLOPs, latency or TPU sections gets its plot back from its JSON alone; the README and
+    """Every result with FLOPs, latency, TPU or serving sections gets its plot back from its JSON alone; the README and
     BENCHMARKS.md link only plots that exist in benchmarks/results, each under 150 kB."""
     import re
     import shutil
@@ -68,7 +68,7 @@ def test_plots_rebuilt_from_stored_results_are_the_ones_linked(tmp_path):
         if name.endswith(".json"):
             with open(os.path.join(RESULTS, name)) as f:
                 r = json.load(f)
-            if r.get("suite") == report.SUITE and {"flops", "latency", "tpu"} & set(r):
+            if r.get("suite") == report.SUITE and {"flops", "latency", "tpu", "serve"} & set(r):
                 plotted.add(r["name"] + ".png")
     assert written == plotted and {"cpu.png", "tpu.png"} <= written
     for name in written:
