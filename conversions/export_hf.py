@@ -9,7 +9,7 @@ files), ``OUT/vision`` (``SiglipVisionModel`` / ``CLIPVisionModel``) and
 :mod:`conversions.torch_lavi` and by ``conversions.import_hf --lavi OUT``); the
 conversion is :func:`lavi_jax.hf.export_hf`. A LoRA checkpoint also writes PEFT
 adapter directories ``OUT/lora`` (and ``OUT/vision_lora``) for
-``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("OUT/llm"), "OUT/lora")``;
+``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT + "/llm"), OUT + "/lora")``;
 ``--merge-lora`` folds the adapters into the exported weights instead.
 """
 

@@ -29,7 +29,6 @@ whose prefix length follows its items).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
