@@ -34,6 +34,8 @@ def make_ckpt(root, fusion, anyres):
     config.data.update(max_images=2, num_frames=2)
     if anyres:  # LaVi-HD (fusion="modulation": tile-position embedding) / LLaVA-NeXT-style concat
         config.model.anyres.update(enabled=True, pinpoints=PINPOINTS, max_crops=4, tile_embedding="grid")
+        if fusion == "concat":  # concat's crops take the per-frame table: one row per crop
+            config.model.projector.max_frames = 5
     src = [os.path.join(paths["image_root"], s["image"]) for s in json.load(open(paths["eval_json"]))]
     images = []
     for k, size in enumerate(SIZES):
@@ -93,13 +95,17 @@ def hd(request, tmp_path_factory):
 
 def test_anyres_sixteen_concurrent_equal_predictor_alone(hd):
     path, p, all_cases, expected = hd
-    assert len(set(expected)) >= 3  # the random model's answers depend on the media
+    # the random model's answers depend on the media (the tiny concat model's take two values over these cases)
+    assert len(set(expected)) >= (3 if p.config.model.fusion == "modulation" else 2)
     engine, builder = engine_for(p)
     reqs = sixteen_concurrent(p, engine, builder, all_cases, expected)
     frames = [r.item_mask.sum(1).max() for r in reqs if r.pixel_values is not None and r.image_sizes[0, 0]]
     assert len(set(frames)) >= 3  # images of 1, 2 and 4 crops (2, 3 and 5 frames) in flight together
-    if p.config.model.fusion == "modulation":  # one step program, one prefill per bucket used
-        assert engine.slots.num_traces == {"step": 1, "prefill": len({r.prefix_length for r in reqs})}
+    if p.config.model.fusion == "modulation":  # one step program, one prefill per bucket and frame bucket used
+        used = {(r.prefix_length, engine.slots.frames_for(1 if r.item_mask is None else int(r.item_mask.sum(1).max())))
+                for r in reqs}
+        assert len({f for _, f in used}) >= 2  # the tower ran on fewer frames than a slot holds, padded after
+        assert engine.slots.num_traces == {"step": 1, "prefill": len(used)}
 
 
 @pytest.mark.slow

@@ -94,6 +94,7 @@ def sgd_step(mesh_shape, grad_accum):
     return float(m["loss"]), grads, compiled.as_text()
 
 
+@pytest.mark.slow  # the default run's test_gradient_accumulation_equals_full_batch checks the accumulated step
 def test_gradient_accumulation_keeps_each_device_on_its_own_rows():
     """Micro-batches are strided (rows j::k), so splitting a data-parallel batch adds no collective that moves rows."""
     loss1, grads1, hlo1 = sgd_step({"data": 8}, 1)
@@ -165,6 +166,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes in the default run: test_storage_train's SIGKILL run, test_packing_train
 def test_two_processes_match_one_process():
     worker = os.path.join(ROOT, "tests", "distributed_worker.py")
     env = lambda n: dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")

@@ -123,6 +123,11 @@ class Engine:
         if T > self.buckets[-1]:
             raise RequestError(f"the prompt is {T} tokens, past the longest bucket of {self.buckets[-1]}")
         bucket = bucket_length(T, self.buckets, beyond="multiple")
+        if self.slots.visual_shape is not None and request.item_mask is not None:
+            N, F = self.slots.visual_shape[:2]
+            n, f = request.item_mask.shape[0], int(request.item_mask.sum(1).max(initial=0))
+            if n > N or f > F:
+                raise RequestError(f"{n} items of {f} frames, more than the engine's {N} of {F}")
         mask = None if request.pixel_values is None or self.slots.fusion != "concat" else request.item_mask
         request.prefix_length = self.slots.prefix_length(bucket, mask, request.image_sizes)
         room = self.max_len - request.prefix_length + 1
@@ -235,7 +240,8 @@ class Engine:
             self._take(slot, first)
 
     def _media(self, req: Request):
-        """The request's media as the slot program takes them: modulation pads to the slot's visual shape."""
+        """The request's media as the slot program takes them: modulation pads to the slot's items and to the frame
+        bucket of the request's frames (``Slots.frames_for``)."""
         s = self.slots
         if s.fusion == "none" or (req.pixel_values is None and s.visual_shape is None):
             return None, None, None
@@ -243,14 +249,13 @@ class Engine:
             return (req.pixel_values[None], req.item_mask[None],
                     None if req.image_sizes is None else req.image_sizes[None])
         N, F, H, W = s.visual_shape
-        pix = np.zeros((1, N, F, H, W, 3), np.float32)
-        mask = np.zeros((1, N, F), bool)
+        n, f = (0, 1) if req.item_mask is None else (req.item_mask.shape[0], int(req.item_mask.sum(1).max(initial=1)))
+        f_in = s.frames_for(f)
+        pix = np.zeros((1, N, f_in, H, W, 3), np.float32)
+        mask = np.zeros((1, N, f_in), bool)
         sizes = np.zeros((1, N, 2), np.int32) if s.anyres else None
         if req.pixel_values is not None:
-            n, f = req.item_mask.shape
-            if n > N or f > F:
-                raise RequestError(f"{n} items of {f} frames, more than the engine's {N} of {F}")
-            pix[0, :n, :f], mask[0, :n, :f] = req.pixel_values, req.item_mask
+            pix[0, :n, :f], mask[0, :n, :f] = req.pixel_values[:, :f], req.item_mask[:, :f]
             if sizes is not None and req.image_sizes is not None:
                 sizes[0, :n] = req.image_sizes
         return pix, mask, sizes

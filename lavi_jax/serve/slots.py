@@ -14,7 +14,10 @@ State (slot = batch row; updated in place: donated):
 * ``visual``: for ``fusion="modulation"``, the conditioners' ``visual_cache`` collection with a batch of
   ``slots`` (row = slot; batch axis per leaf from ``decoder.visual_cache_batch_axes``): the visual keys/values
   of each slot's request, padded to ``visual_shape`` items and frames (padding has ``key_index == NO_ITEM``
-  and is invisible).
+  and is invisible). A request's media enter ``insert`` padded only to the next of ``frame_buckets`` (powers of
+  two, then the slot's frame count), so the vision tower and the visual keys / values run on the frames it
+  uses (a 7-tile anyres photo: 8 frames of the 37 a slot holds); ``insert`` pads its visual cache to the slot's.
+  With ``projector.video_pool`` > 1 the frame count decides the tokens per frame, so requests keep the slot's.
 
 ``insert`` runs one request (batch 1: the vision tower once, then the prompt) and writes its state into
 ``slot``; ``step`` is one batched model call over every slot, each row writing and attending at its own
@@ -23,8 +26,8 @@ samples every slot's next token (:mod:`lavi_jax.serve.sampling`). A slot compute
 request computes alone in :class:`lavi_jax.generate.Generator`: the same prompt bucket, positions and
 masked padding. The state is allocated by the first ``insert`` on the params' mesh (``allocate``).
 
-Compiled programs: one ``step``; one ``prefill`` per prompt bucket (per bucket and media shape for concat,
-whose prefix length follows its items).
+Compiled programs: one ``step``; one ``prefill`` per prompt bucket and frame bucket (per bucket and media shape
+for concat, whose prefix length follows its items).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lavi_jax.generate import prefill_forward, right_align
 from lavi_jax import sharding
+from lavi_jax.models.conditioner import NO_ITEM
 from lavi_jax.models.decoder import init_cache, visual_cache_batch_axes
 from lavi_jax.models.lavi import LaVi
 from lavi_jax.models.splice import concat_layout
@@ -55,6 +59,9 @@ class Slots:
         self.model, self.num_slots, self.max_len, self.pad_id = model, int(num_slots), int(max_len), int(pad_id)
         self.fusion, self.anyres = c.fusion, bool(anyres)
         self.visual_shape = tuple(visual_shape) if visual_shape and c.fusion == "modulation" else None
+        F = self.visual_shape[1] if self.visual_shape else 1
+        pooled = int(c.get("projector", {}).get("video_pool", 1)) > 1
+        self.frame_buckets = (F,) if pooled else tuple(sorted({2**k for k in range(F.bit_length()) if 2**k < F} | {F}))
         self.num_traces = {"prefill": 0, "step": 0}
         self.cache = self.mask = self.visual = None  # allocated by the first insert, under the caller's mesh
         self._shardings = None  # the state's, when the params have a mesh
@@ -114,6 +121,10 @@ class Slots:
 
     # -- host-side helpers
 
+    def frames_for(self, frames: int) -> int:
+        """The frame bucket a request of ``frames`` frames (per item, at most) is padded to for ``insert``."""
+        return next((b for b in self.frame_buckets if b >= frames), self.frame_buckets[-1])
+
     def prefix_length(self, T: int, item_mask, image_sizes) -> int:
         """P, the cached prefix of a prompt bucketed to T tokens (T itself unless concat with media)."""
         if self.fusion != "concat" or item_mask is None:
@@ -149,6 +160,7 @@ class Slots:
                                                              CACHE_AXES), cache, new_cache)
         mask = jax.lax.dynamic_update_slice_in_dim(mask, key_mask, slot, 0)
         if visual is not None:
+            vc = jax.tree_util.tree_map_with_path(self._pad_frames, vc, visual, visual_cache_batch_axes(vc))
             visual = jax.tree.map(lambda a, b, ax: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot, ax),
                                   visual, vc, visual_cache_batch_axes(vc))
         if self._shardings is not None:  # the state keeps its shardings (one program type per call)
@@ -156,6 +168,21 @@ class Slots:
         keys = jax.random.fold_in(jax.random.key(seed), 0)[None]
         first = sample_rows(logits, keys, temperature[None], top_k[None], top_p[None])[0]
         return cache, mask, visual, first, position[0]
+
+    def _pad_frames(self, path, x, slot_leaf, ax):
+        """One leaf of a request's visual cache (batch 1, frames of its bucket) padded to the slot's frames: the
+        items' ``key_index`` [.., 1, N, f] with NO_ITEM, keys / values [.., 1, N * f * P, ...] with zeros."""
+        want = slot_leaf.shape[:ax] + (1,) + slot_leaf.shape[ax + 1:]
+        if x.shape == want:
+            return x
+        N, F = self.visual_shape[:2]
+        if getattr(path[-1], "key", None) == "key_index":
+            return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, F - x.shape[-1])], constant_values=NO_ITEM)
+        f = x.shape[ax + 1] * F // want[ax + 1]  # the request's frame bucket (P tokens per frame either way)
+        grid = x.reshape(x.shape[:ax + 1] + (N, f, -1) + x.shape[ax + 2:])
+        widths = [(0, 0)] * grid.ndim
+        widths[ax + 2] = (0, F - f)
+        return jnp.pad(grid, widths).reshape(want)
 
     def _step_fn(self, params, cache, mask, visual, tok, index, position, seeds, steps, temperature, top_k, top_p):
         self.num_traces["step"] += 1
