@@ -2,6 +2,8 @@
 
     python -m benchmarks.lora_memory                      # every row, resuming benchmarks/results/lora_memory.json
     python -m benchmarks.lora_memory --rows qlora-int4@v5e:2x2
+    python -m benchmarks.lora_memory --rows qlora-int4@v5e:2x2/loss_chunk=128     # another loss chunk
+    python -m benchmarks.lora_memory --rows full@v5e:2x4 --batches 8           # only these compiles
 
 ``configs/lavi_qwen2_7b_siglip.py``, bf16 params (``set_precision(model, "bf16")``), scanned layers, full
 remat, one 729-token image per row, mesh fsdp over every chip, the LM head and loss over 256 positions at a time
@@ -27,14 +29,22 @@ if ROOT not in sys.path:
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "lora_memory.json")
 METHODS = {"lora": "none", "qlora-int8": "int8", "qlora-int4": "int4", "full": None}
-ROWS = ("lora@v5e:2x4", "qlora-int4@v5e:2x2", "full@v5e:2x4", "qlora-int8@v5e:2x2", "qlora-int4@v5e:2x4",
+ROWS = ("lora@v5e:2x4", "qlora-int4@v5e:2x2", "qlora-int4@v5e:2x2/loss_chunk=128", "full@v5e:2x4",
+        "qlora-int8@v5e:2x2", "qlora-int4@v5e:2x4",
         "qlora-int8@v5e:2x4", "lora@v5p:2x2x1", "full@v5p:2x2x1", "qlora-int4@v5p:2x2x1", "qlora-int8@v5p:2x2x1")
 LOSS_CHUNK = 256  # train.loss_chunk: the f32 logits of whole rows (152k vocabulary) would take ~5 GB per v5e chip
 PROBES = (8, 16)  # batches per chip... times the chip count: the two compiles of the linear fit
 SEQ = 2048
 
 
-def config_for(method: str, topology: str, batch: int):
+def parse_row(row: str) -> tuple[str, str, int]:
+    """``METHOD@TOPOLOGY[/loss_chunk=N]`` -> (method, topology, loss chunk)."""
+    spec, _, chunk = row.partition("/loss_chunk=")
+    method, topology = spec.split("@")
+    return method, topology, int(chunk) if chunk else LOSS_CHUNK
+
+
+def config_for(method: str, topology: str, batch: int, loss_chunk: int = LOSS_CHUNK):
     from benchmarks import tpu
     from lavi_jax import config as C
     from lavi_jax.train import topology as topo
@@ -42,7 +52,7 @@ def config_for(method: str, topology: str, batch: int):
     chips = topo.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, topology).size
     cfg = tpu.train_config("modulation", "stage 2", batch=batch, mesh={"data": 1, "fsdp": chips, "tensor": 1})
     C.set_precision(cfg.model, "bf16")
-    cfg.train.loss_chunk = LOSS_CHUNK
+    cfg.train.loss_chunk = loss_chunk
     if METHODS[method] is None:
         cfg.train.trainable = "projector+conditioners+llm"
     else:
@@ -51,14 +61,14 @@ def config_for(method: str, topology: str, batch: int):
     return cfg, chips
 
 
-def compile_one(method: str, topology: str, batch: int) -> dict:
+def compile_one(method: str, topology: str, batch: int, loss_chunk: int = LOSS_CHUNK) -> dict:
     import importlib
 
     from lavi_jax.train import topology as topo
 
     dr = importlib.import_module("lavi_jax.train.dry_run")  # the package exports a function of the same name
 
-    cfg, _ = config_for(method, topology, batch)
+    cfg, _ = config_for(method, topology, batch, loss_chunk)
     mesh = topo.make_mesh(cfg.mesh.to_dict(), topology)
     t0 = time.time()
     r = dr.train_program(cfg, mesh, topo.chip_of(mesh), flops=False)
@@ -82,15 +92,14 @@ def save(data: dict, path: str = OUT) -> None:
 def measure(data: dict, row: str, batch: int) -> dict:
     runs = data.setdefault(row, {}).setdefault("compiles", {})
     if str(batch) not in runs:
-        method, topology = row.split("@")
         print(f"{row}: compiling batch {batch}", file=sys.stderr, flush=True)
-        runs[str(batch)] = compile_one(method, topology, batch)
+        runs[str(batch)] = compile_one(*parse_row(row)[:2], batch, parse_row(row)[2])
         save(data)
     return runs[str(batch)]
 
 
 def largest(data: dict, row: str) -> dict:
-    method, topology = row.split("@")
+    method, topology, _ = parse_row(row)
     _, chips = config_for(method, topology, 8)
     a, b = (measure(data, row, p * chips // 8) for p in PROBES)
     if a["peak"] is None or b["peak"] is None:  # refused by the compiler: the fit needs peaks
@@ -141,11 +150,17 @@ def table(data: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated METHOD@TOPOLOGY")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated METHOD@TOPOLOGY[/loss_chunk=N]")
+    p.add_argument("--batches", default="", help="compile only these global batches (comma-separated) for each row")
     args = p.parse_args(argv)
     data = load()
     for row in [r for r in args.rows.split(",") if r]:
-        largest(data, row)
+        if args.batches:
+            for b in args.batches.split(","):
+                r = measure(data, row, int(b))
+                print(f"{row} batch {b}: fits {r['fits']}, peak {r['peak']}", file=sys.stderr)
+        else:
+            largest(data, row)
     print(table(data))
 
 

@@ -44,6 +44,26 @@ def test_a_loop_reads_its_weight_once_and_writes_one_row_of_its_buffer():
     assert accessed >= t["bytes"]  # the compiler's count also has the on-chip reads
 
 
+def test_a_table_read_through_a_transpose_counts_once():
+    """An LM head tied to its embedding table: each step gathers one row per sequence and multiplies by the whole
+    table transposed. The compiler hands the table to the matmul through a nested bitcast fusion; the whole 256 MiB
+    table is read once per iteration, the gather's rows besides."""
+    D, V = 2048, 65536
+
+    def fn(table, buf):
+        def body(i, carry):
+            tok, buf = carry
+            logits = (table[tok] @ table.T).astype(jnp.float32)
+            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+            return nxt, jax.lax.dynamic_update_slice(buf, nxt[None], (i, 0))
+        return jax.lax.fori_loop(0, 16, body, (jnp.zeros((4,), jnp.int32), buf))[1]
+
+    compiled = _compile_for_v5e(fn, ((V, D), jnp.bfloat16), ((64, 4), jnp.int32))
+    t = hlo_traffic.loop_hbm_traffic(compiled.as_text())
+    table = V * D * 2
+    assert table <= t["read"] < table * 1.01, t
+
+
 def test_shapes_and_memory_spaces_are_read_from_layouts():
     arrays = hlo_traffic.parse_shape("(bf16[64,256]{1,0:T(8,128)(2,1)S(1)}, f32[2,3]{1,0:T(2,128)}, u32[]{:S(2)})")
     assert [(a.dtype, a.dims, a.space, a.nbytes) for a in arrays] == [

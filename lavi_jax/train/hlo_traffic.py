@@ -14,7 +14,8 @@ What is counted, per top-level instruction of the loop body (nested while loops'
 
 * reads: the instruction's operands that live in HBM; for a fusion, a parameter its fused computation reads only
   through ``slice`` / ``dynamic-slice`` / ``gather`` counts the bytes it takes, and one it only updates in place (operand 0 of a
-  ``dynamic-update-slice``) counts nothing;
+  ``dynamic-update-slice``) counts nothing; a nested fusion that only passes it on (a bitcast fusion feeding a
+  matmul) hands it to that fusion's users;
 * writes: the results that live in HBM; a result that is a ``dynamic-update-slice`` (an in-place update of an
   aliased buffer, e.g. the KV cache's one-token write) counts the update's bytes, not the buffer's;
 * ``copy-start``: its HBM source (a read) and its destination when that is HBM (a write); ``slice-start``: the
@@ -141,28 +142,45 @@ def _users(comp: list[Instr]) -> dict:
 def _param_read(comps: dict, name: str, index: int, full: float) -> float:
     """Bytes fused computation ``name`` reads of its parameter ``index`` (``full`` bytes): the slices it takes
     when it only slices it (through bitcasts and nested fusions), 0 when it only updates it in place, else ``full``."""
+    return _param_use(comps, name, index, full)[0]
+
+
+def _param_use(comps: dict, name: str, index: int, full: float) -> tuple[float, bool]:
+    """(bytes read, whether the parameter reaches the computation's result unchanged, through bitcasts). A nested
+    fusion that passes it through (a bitcast fusion) hands the tracing on to that fusion's users."""
     comp = comps[name]
     users = _users(comp)
     param = next((i for i in comp if i.op == "parameter" and int(i.args.strip()) == index), None)
     if param is None:
-        return 0.0
-    todo, uses = [param.name], []
+        return 0.0, False
+    root = next((i for i in comp if i.root), comp[-1])
+    results = set(root.operands) if root.op == "tuple" else {root.name}
+    todo, uses, through = [param.name], [], False
     while todo:
-        for u, k in users[todo.pop()]:
-            (todo.append(u.name) if u.op == "bitcast" else uses.append((u, k)))
-    if not uses:
-        return 0.0
+        n = todo.pop()
+        through |= n in results
+        for u, k in users[n]:
+            if u.op == "bitcast":
+                todo.append(u.name)
+            elif u.op == "tuple" and u.root:
+                pass
+            else:
+                uses.append((u, k))
     read = 0.0
-    for u, k in uses:
+    while uses:
+        u, k = uses.pop()
         if u.op in ("slice", "dynamic-slice", "gather") and k == 0:
             read += sum(a.nbytes for a in u.shape)
         elif u.op == "dynamic-update-slice" and k == 0:
             pass  # updated in place: only the update is written (counted with the result)
         elif u.op == "fusion" and _called(u, "calls") in comps:
-            read += _param_read(comps, _called(u, "calls"), k, full)
+            sub, passes = _param_use(comps, _called(u, "calls"), k, full)
+            read += sub
+            if passes:  # the nested fusion's result is the parameter itself: its users read it
+                uses.extend(users[u.name])
         else:
-            return full
-    return min(read, full)
+            return full, False
+    return min(read, full), through
 
 
 def _fusion_io(comps: dict, name: str, operand_arrays: list[list[Array]], out_arrays: list[Array]) -> tuple[float, float]:
