@@ -27,6 +27,21 @@ BATCHES, PROMPT, NEW_TOKENS, TOPOLOGY = (1, 32, 64), 2048, 64, "v5e:2x4"
 MESH = {"data": 2, "fsdp": 1, "tensor": 4}
 
 
+def hbm_summary(hlo_text: str) -> dict:
+    """The HBM-only count of one decode step (:func:`lavi_jax.train.hlo_traffic.loop_hbm_traffic`) and, as its
+    check, the loop-carried buffers (weights, caches) of 1 MiB or more: their bytes, the bytes read of them, and
+    how many are read more than once."""
+    from lavi_jax.train import hlo_traffic
+
+    hbm = hlo_traffic.loop_hbm_traffic(hlo_text)
+    carried = hlo_traffic.carried_reads(hlo_text)
+    hbm["carried"] = {"buffers": len(carried), "bytes": sum(c["bytes"] for c in carried),
+                      "read": sum(c["read"] for c in carried),
+                      "read_more_than_once": sum(c["read"] > 1.01 * c["bytes"] for c in carried),
+                      "read_in_part": [c for c in carried if c["read"] < 0.99 * c["bytes"]]}
+    return hbm
+
+
 def measure(batch: int) -> dict:
     import importlib
 
@@ -61,7 +76,7 @@ def measure(batch: int) -> dict:
     hbm = None
     try:  # HBM-only count (newer checkouts): operands and results in memory space 0
         from lavi_jax.train import hlo_traffic
-        hbm = hlo_traffic.loop_hbm_traffic(loop_c.as_text())
+        hbm = hbm_summary(loop_c.as_text())
         if os.environ.get("DECODE_TRAFFIC_HLO_DIR"):  # keep the compiled loop's HLO text for reading
             with open(os.path.join(os.environ["DECODE_TRAFFIC_HLO_DIR"], f"decode_loop_b{batch}.txt"), "w") as f:
                 f.write(loop_c.as_text())
@@ -79,7 +94,7 @@ def measure(batch: int) -> dict:
             **({} if hbm is None else {"hbm_bytes_per_step": hbm["bytes"], "hbm_read_bytes_per_step": hbm["read"],
                                        "hbm_written_bytes_per_step": hbm["written"],
                                        "hbm_bytes_over_read_once": hbm["bytes"] / floor,
-                                       "hbm_by_kind": hbm["by_kind"]})}
+                                       "hbm_by_kind": hbm["by_kind"], "hbm_carried": hbm["carried"]})}
 
 
 def main(argv=None) -> None:

@@ -39,6 +39,9 @@ def test_a_loop_reads_its_weight_once_and_writes_one_row_of_its_buffer():
     assert weight <= t["read"] < weight * 1.01, t
     assert row <= t["written"] < 1024 * row, t  # the row (and small values), not the buffer
     assert t["bytes"] < weight + buffer / 64  # the buffer is not rewritten per iteration
+    carried = {tuple(c["dims"]): c for c in hlo_traffic.carried_reads(compiled.as_text())}
+    assert carried[(D, 16 * D)]["read"] == carried[(D, 16 * D)]["bytes"] == weight  # read once, whole
+    assert carried[(N, D)]["read"] < buffer / 64  # written a row at a time, never read whole
     cost = compiled.cost_analysis()
     accessed = (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
     assert accessed >= t["bytes"]  # the compiler's count also has the on-chip reads

@@ -3,6 +3,7 @@
     traffic = loop_hbm_traffic(compiled.as_text())
     traffic["bytes"]      # HBM bytes one iteration of the outermost while loop reads and writes, per device
     traffic["by_kind"]    # the same split by op kind (fusion, copy-start, all-reduce, ...)
+    carried = carried_reads(compiled.as_text())   # per loop-carried HBM buffer: its bytes, the bytes read of it
 
 XLA's "bytes accessed" counts every operand and result of every op at any memory level. The TPU compiler
 assigns each buffer a memory space, printed in its layout: ``bf16[64,256]{1,0:T(8,128)(2,1)S(1)}`` lives in
@@ -257,3 +258,37 @@ def loop_hbm_traffic(hlo_text: str) -> dict:
     if loop is None:
         raise ValueError("no while loop in the entry computation")
     return computation_hbm_traffic(comps, _called(loop, "body"))
+
+
+def carried_reads(hlo_text: str, min_bytes: float = 2**20) -> list[dict]:
+    """Per loop-carried HBM buffer of at least ``min_bytes`` of the decode loop's body (weights, caches): its bytes
+    and the HBM bytes its users read of it by the rules above. A weight read once shows ``read == bytes``; a cache
+    read a layer at a time, the sum of its layers; an embedding table, the rows gathered."""
+    comps, entry = parse_module(hlo_text)
+    loop = next((i for i in comps[entry] if i.op == "while"), None)
+    if loop is None:
+        raise ValueError("no while loop in the entry computation")
+    body = comps[_called(loop, "body")]
+    users = _users(body)
+    out = []
+    for g in body:
+        if g.op != "get-tuple-element" or hbm_bytes(g.shape) < min_bytes:
+            continue
+        size, read, todo = hbm_bytes(g.shape), 0.0, [g.name]
+        while todo:
+            for u, k in users[todo.pop()]:
+                if u.op in ("bitcast", "get-tuple-element") or (u.op == "dynamic-update-slice" and k == 0):
+                    todo.append(u.name)  # the same buffer (updated in place)
+                elif u.op == "fusion" and _called(u, "calls") in comps:
+                    read += _param_read(comps, _called(u, "calls"), k, size)
+                elif u.op in ("slice-start", "dynamic-slice-start"):
+                    read += sum(a.nbytes for a in u.shape[1:2])
+                elif u.op in ("tuple", "opt-barrier"):
+                    pass
+                elif u.op in ("dynamic-slice", "slice") and k == 0:
+                    read += sum(a.nbytes for a in u.shape)
+                else:
+                    read += size
+        out.append({"name": g.name, "dtype": g.shape[0].dtype, "dims": list(g.shape[0].dims), "bytes": size,
+                    "read": read})
+    return out
