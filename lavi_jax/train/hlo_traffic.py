@@ -253,22 +253,25 @@ def computation_hbm_traffic(comps: dict, name: str, seen=()) -> dict:
 def loop_hbm_traffic(hlo_text: str) -> dict:
     """HBM traffic of one iteration of the entry computation's first while loop (the decode loop); see the module
     docstring. -> {"read", "written", "bytes", "by_kind"} in bytes per device."""
+    comps, body = _loop_body(hlo_text)
+    return computation_hbm_traffic(comps, body)
+
+
+def _loop_body(hlo_text: str) -> tuple[dict, str]:
+    """(computations, name of the body of the entry computation's first while loop)."""
     comps, entry = parse_module(hlo_text)
     loop = next((i for i in comps[entry] if i.op == "while"), None)
     if loop is None:
         raise ValueError("no while loop in the entry computation")
-    return computation_hbm_traffic(comps, _called(loop, "body"))
+    return comps, _called(loop, "body")
 
 
 def carried_reads(hlo_text: str, min_bytes: float = 2**20) -> list[dict]:
     """Per loop-carried HBM buffer of at least ``min_bytes`` of the decode loop's body (weights, caches): its bytes
     and the HBM bytes its users read of it by the rules above. A weight read once shows ``read == bytes``; a cache
     read a layer at a time, the sum of its layers; an embedding table, the rows gathered."""
-    comps, entry = parse_module(hlo_text)
-    loop = next((i for i in comps[entry] if i.op == "while"), None)
-    if loop is None:
-        raise ValueError("no while loop in the entry computation")
-    body = comps[_called(loop, "body")]
+    comps, name = _loop_body(hlo_text)
+    body = comps[name]
     users = _users(body)
     out = []
     for g in body:
