@@ -3,6 +3,7 @@
     python -m benchmarks.lora_memory                      # every row, resuming benchmarks/results/lora_memory.json
     python -m benchmarks.lora_memory --rows qlora-int4@v5e:2x2
     python -m benchmarks.lora_memory --rows qlora-int4@v5e:2x2/loss_chunk=128     # another loss chunk
+    python -m benchmarks.lora_memory --rows qlora-int4@v5e:2x2/remat=offload      # layer inputs in host memory
     python -m benchmarks.lora_memory --rows full@v5e:2x4 --batches 8           # only these compiles
 
 ``configs/lavi_qwen2_7b_siglip.py``, bf16 params (``set_precision(model, "bf16")``), scanned layers, full
@@ -29,7 +30,8 @@ if ROOT not in sys.path:
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "lora_memory.json")
 METHODS = {"lora": "none", "qlora-int8": "int8", "qlora-int4": "int4", "full": None}
-ROWS = ("lora@v5e:2x4", "qlora-int4@v5e:2x2", "qlora-int4@v5e:2x2/loss_chunk=128", "full@v5e:2x4",
+ROWS = ("lora@v5e:2x4", "qlora-int4@v5e:2x2", "qlora-int4@v5e:2x2/loss_chunk=128", "qlora-int4@v5e:2x2/remat=offload",
+        "lora@v5e:2x4/remat=offload", "full@v5e:2x4",
         "qlora-int8@v5e:2x2", "qlora-int4@v5e:2x4",
         "qlora-int8@v5e:2x4", "lora@v5p:2x2x1", "full@v5p:2x2x1", "qlora-int4@v5p:2x2x1", "qlora-int8@v5p:2x2x1")
 LOSS_CHUNK = 256  # train.loss_chunk: the f32 logits of whole rows (152k vocabulary) would take ~5 GB per v5e chip
@@ -37,14 +39,20 @@ PROBES = (8, 16)  # batches per chip... times the chip count: the two compiles o
 SEQ = 2048
 
 
-def parse_row(row: str) -> tuple[str, str, int]:
-    """``METHOD@TOPOLOGY[/loss_chunk=N]`` -> (method, topology, loss chunk)."""
-    spec, _, chunk = row.partition("/loss_chunk=")
+def parse_row(row: str) -> tuple[str, str, dict]:
+    """``METHOD@TOPOLOGY[/loss_chunk=N][/remat=POLICY]`` -> (method, topology, options)."""
+    spec, *opts = row.split("/")
     method, topology = spec.split("@")
-    return method, topology, int(chunk) if chunk else LOSS_CHUNK
+    options = {"loss_chunk": LOSS_CHUNK, "remat": "full"}
+    for o in opts:
+        k, _, v = o.partition("=")
+        if k not in options:
+            raise ValueError(f"row {row!r}: unknown option {k!r} (expected {', '.join(options)})")
+        options[k] = type(options[k])(v)
+    return method, topology, options
 
 
-def config_for(method: str, topology: str, batch: int, loss_chunk: int = LOSS_CHUNK):
+def config_for(method: str, topology: str, batch: int, loss_chunk: int = LOSS_CHUNK, remat: str = "full"):
     from benchmarks import tpu
     from lavi_jax import config as C
     from lavi_jax.train import topology as topo
@@ -52,6 +60,7 @@ def config_for(method: str, topology: str, batch: int, loss_chunk: int = LOSS_CH
     chips = topo.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, topology).size
     cfg = tpu.train_config("modulation", "stage 2", batch=batch, mesh={"data": 1, "fsdp": chips, "tensor": 1})
     C.set_precision(cfg.model, "bf16")
+    cfg.model.remat_policy = remat
     cfg.train.loss_chunk = loss_chunk
     if METHODS[method] is None:
         cfg.train.trainable = "projector+conditioners+llm"
@@ -61,20 +70,21 @@ def config_for(method: str, topology: str, batch: int, loss_chunk: int = LOSS_CH
     return cfg, chips
 
 
-def compile_one(method: str, topology: str, batch: int, loss_chunk: int = LOSS_CHUNK) -> dict:
+def compile_one(method: str, topology: str, batch: int, **options) -> dict:
     import importlib
 
     from lavi_jax.train import topology as topo
 
     dr = importlib.import_module("lavi_jax.train.dry_run")  # the package exports a function of the same name
 
-    cfg, _ = config_for(method, topology, batch, loss_chunk)
+    cfg, _ = config_for(method, topology, batch, **options)
     mesh = topo.make_mesh(cfg.mesh.to_dict(), topology)
     t0 = time.time()
     r = dr.train_program(cfg, mesh, topo.chip_of(mesh), flops=False)
     b = r.get("bytes_per_device", {})
     return {"batch": batch, "fits": bool(r["fits"]), "peak": b.get("peak"), "params": b.get("params"),
-            "opt_state": b.get("opt_state"), "hbm": r["hbm_bytes"], "seconds": round(time.time() - t0, 1)}
+            "opt_state": b.get("opt_state"), "host": b.get("host_temp"), "hbm": r["hbm_bytes"],
+            "seconds": round(time.time() - t0, 1)}
 
 
 def load(path: str = OUT) -> dict:
@@ -93,7 +103,8 @@ def measure(data: dict, row: str, batch: int) -> dict:
     runs = data.setdefault(row, {}).setdefault("compiles", {})
     if str(batch) not in runs:
         print(f"{row}: compiling batch {batch}", file=sys.stderr, flush=True)
-        runs[str(batch)] = compile_one(*parse_row(row)[:2], batch, parse_row(row)[2])
+        method, topology, options = parse_row(row)
+        runs[str(batch)] = compile_one(method, topology, batch, **options)
         save(data)
     return runs[str(batch)]
 

@@ -139,7 +139,7 @@ def model(**overrides) -> ConfigDict:
     c.dtype = "float32"  # compute dtype
     c.param_dtype = "float32"
     c.scan_layers = False
-    c.remat_policy = "none"  # "none" | "full" | "dots" | "dots_with_no_batch_dims"
+    c.remat_policy = "none"  # "none" | "full" | "offload" (full, layer inputs in host memory) | "dots" | "dots_with_no_batch_dims"
     c.attention = "auto"  # "auto" (splash on TPU, cudnn on GPU, xla on CPU) | "xla" | "splash" | "cudnn"
     c.anyres = anyres()
     c.update(overrides)

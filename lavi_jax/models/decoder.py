@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from lavi_jax import sharding
 from lavi_jax.models.attention import AttentionMask, attention
@@ -36,6 +37,11 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # "full", with each layer's input [B, T, D] (what the backward pass keeps per layer) moved to host memory and
+    # brought back for its layer's recompute: the device holds no per-layer activations at all.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["decoder_layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -228,6 +234,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, positions, mask, visual=None, cache=None, cache_index=None, layer=0):
         c = self.cfg
+        h = checkpoint_name(h, "decoder_layer_input")  # remat_policy "offload" keeps it in host memory
         norms = () if self.cond is None else tuple(self.cond.norms)
         kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, shared=self.shared, attention=self.attention)
         x = RMSNorm(conditioner=self.cond if "attn" in norms else None, name="input_layernorm", **kw)(h, visual)

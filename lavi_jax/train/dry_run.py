@@ -16,7 +16,8 @@ Programs (``config.dry_run_programs``):
 
 Per program and chip: parameters, optimizer state, XLA's temp / argument /
 output sizes and their peak (arguments + outputs + temp - donated), against
-the chip's HBM for a TPU topology (:mod:`lavi_jax.train.topology`).
+the chip's HBM for a TPU topology (:mod:`lavi_jax.train.topology`); what
+``remat_policy="offload"`` keeps in host memory is ``host_temp``, outside the peak.
 
 FLOPs: XLA counts a loop body once, so the compiled program's own figure
 misses ``n - 1`` of the n scanned layer blocks and micro-batches. The reported
@@ -73,7 +74,8 @@ def _memory(compiled, **known) -> dict:
     """Per-device bytes of a compiled program; ``known`` adds breakdowns of its arguments (params, opt_state)."""
     m = compiled.memory_analysis()
     out = dict(known, arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
-               temp=int(m.temp_size_in_bytes), donated=int(m.alias_size_in_bytes))
+               temp=int(m.temp_size_in_bytes), donated=int(m.alias_size_in_bytes),
+               host_temp=int(getattr(m, "host_temp_size_in_bytes", 0) or 0))  # remat_policy "offload"
     out["peak"] = out["arguments"] + out["outputs"] + out["temp"] - out["donated"]
     return out
 
@@ -388,7 +390,8 @@ def format_report(r: dict) -> str:
             lines.append(f"    DOES NOT FIT {gib(p['hbm_bytes']).strip()} HBM per the {compiler} compiler: {p['compiler_error'][:300]}")
             continue
         b = p["bytes_per_device"]
-        lines.append("    per device: " + ", ".join(f"{k} {gib(b[k]).strip()}" for k in MEMORY_KEYS if k in b))
+        lines.append("    per device: " + ", ".join(f"{k} {gib(b[k]).strip()}" for k in MEMORY_KEYS if k in b)
+                     + (f"; host memory {gib(b['host_temp']).strip()} (offloaded)" if b.get("host_temp") else ""))
         if "fits" in p:
             lines.append(f"    {'fits' if p['fits'] else 'DOES NOT FIT'}: peak {gib(b['peak']).strip()} of "
                          f"{gib(p['hbm_bytes']).strip()} HBM, headroom {gib(p['headroom_bytes']).strip()}")
