@@ -232,7 +232,8 @@ def test_torch_reference_refuses_anyres_concat(towers, tmp_path):
         LaViReference.from_pretrained(str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("path", ["configs/lavi_qwen2_7b_siglip.py:hd,tiny", "configs/llava_ov_7b_concat.py:tiny"])
+@pytest.mark.parametrize("path", [pytest.param("configs/lavi_qwen2_7b_siglip.py:hd,tiny", marks=pytest.mark.slow),
+                                  "configs/llava_ov_7b_concat.py:tiny"])
 def test_anyres_without_image_sizes_fails_naming_them(path):
     """LaVi-HD's tile embedding and anyres concat's crop layout both come from image_sizes: a call without them
     stops (before, LaVi-HD silently gave crops the clamped temporal table)."""

@@ -22,7 +22,7 @@ def _prompt(cfg, n, seed):
     return ids, rng.normal(size=(1, 1, 1, s, s, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])  # unscanned: ~40 s
 def test_rows_written_at_their_own_index_decode_as_alone(scan):
     """Two prompts of different lengths prefilled alone, copied into one 2-row cache at their own lengths, then one
     decode step with cache_index [n0, n1]: each row's logits equal the full forward over its prompt + the token."""

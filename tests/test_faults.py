@@ -226,6 +226,7 @@ def tiny_state_and_batch(**train):
     return cfg, model, tx, state, batch
 
 
+@pytest.mark.slow  # ~35 s; skipped non-finite steps stay in the default run, end to end
 def test_nonfinite_update_leaves_state_untouched():
     cfg, model, tx, state, good = tiny_state_and_batch(trainable="all")
     batch = dict(good, pixel_values=np.full_like(good["pixel_values"], np.nan))
@@ -240,6 +241,7 @@ def test_nonfinite_update_leaves_state_untouched():
     assert bool(m["finite"]) and int(new.nonfinite) == 0
 
 
+@pytest.mark.slow  # ~35 s
 def test_logged_learning_rate_is_the_one_the_optimizer_used_after_a_skipped_step():
     """A non-finite step reverts optax's count but not ``state.step``: the logged rate follows the optimizer."""
     cfg, model, tx, state, good = tiny_state_and_batch(trainable="all", learning_rate=1e-3, warmup_steps=4, num_steps=8)

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lavi_jax
 from lavi_jax import sharding, train as training
@@ -55,6 +56,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~70 s; packed sharded steps stay in the default run (8 devices), two processes in test_storage_train
 def test_two_processes_train_packed_as_one_process_does(tmp_path):
     """Two processes on loopback, each packing its own shard, step on the same global batches as one process
     given both shards, with the same losses."""

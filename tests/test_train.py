@@ -60,6 +60,7 @@ def test_sharded_train_steps_equal_single_device():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow  # ~70 s
 def test_gradient_accumulation_equals_full_batch():
     full, p_full = run_steps({"data": 2, "fsdp": 2, "tensor": 2}, n=2)
     accum, p_accum = run_steps({"data": 2, "fsdp": 2, "tensor": 2}, n=2, grad_accum=2)
@@ -127,6 +128,7 @@ def test_weight_decay_reaches_kernels_and_embeddings_only(scan):
     assert ("bias", 2) in seen and (("scale", 2) in seen) == scan and ("tile_row_embedding", 2) in seen
 
 
+@pytest.mark.slow  # ~80 s; tensor-sharded steps stay in the default run (test_sharded_train_steps_equal_single_device)
 def test_tensor_parallel_step_and_generation_with_a_vocabulary_tensor_does_not_divide():
     """Vicuna's 32001 tokens under tensor=8 (here 257 under tensor=2): the vocab dimension stays replicated
     (sharding.UNEVEN_REPLICATED) instead of failing, and the sharded step equals the single-device one."""
@@ -200,6 +202,7 @@ def metrics(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow  # ~80 s; kill-and-resume equality stays in the default run (test_storage_train's SIGKILL test)
 def test_resume_reproduces_uninterrupted_run(vqa, tmp_path):
     straight_state, straight = training.train(small_config(vqa), str(tmp_path / "a"))
     training.train(small_config(vqa), str(tmp_path / "b"), stop_at=3)
@@ -253,6 +256,7 @@ def test_bad_records_are_skipped_and_reported_then_budget_stops_the_run(vqa, tmp
         training.train(config, str(tmp_path / "over"))
 
 
+@pytest.mark.slow  # ~30 s; the dry run stays in the default run (test_dry_run_tpu.py)
 def test_dry_run_reports_memory_and_flops_without_training(tmp_path):
     config = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
     config.dry_run = True
