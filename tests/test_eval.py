@@ -440,6 +440,7 @@ def test_padded_last_batch_on_any_mesh(setup, runs, mesh_shape, batch_size, glob
     assert [strip(r) for r in results] == [strip(r) for r in runs[1][2]]
 
 
+@pytest.mark.slow  # ~25 s
 def test_batches_sized_for_their_own_samples(setup, runs, tmp_path):
     """A task mixing text-only, one-image and two-image samples: each batch carries only its samples' item slots
     (before: every batch was sized to the task's largest sample), and every prediction equals the sample

@@ -263,6 +263,7 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used_after_a_skipped_step
 # ----------------------------------------------------------------------------- wrong checkpoints, unsafe loading
 
 
+@pytest.mark.slow  # ~30 s
 def test_checkpoint_for_another_config_fails_naming_the_path(tmp_path):
     cfg = lavi_jax.configs.get("configs/lavi_qwen2_7b_siglip.py:tiny")
     ids = jnp.zeros((1, 8), jnp.int32)

@@ -217,6 +217,7 @@ def test_resume_reproduces_uninterrupted_run(vqa, tmp_path):
     assert 0.0 <= straight["exact_match"] <= 1.0 and straight["eval_examples"] == 8
 
 
+@pytest.mark.slow  # ~30 s; frozen bases stay in the default run (test_lora_train, test_qlora)
 def test_frozen_params_stay_bit_identical(vqa, tmp_path):
     config = small_config(vqa, trainable="projector+conditioners", num_steps=2, checkpoint_every=2)
     model = lavi_jax.LaVi(config.model)
@@ -237,6 +238,7 @@ def test_frozen_params_stay_bit_identical(vqa, tmp_path):
     assert opt_leaves == 2 * sum(int(np.prod(before[k].shape)) for k in trained)
 
 
+@pytest.mark.slow  # ~45 s; skip-and-count of bad records stays in the default run (test_faults' corpus test)
 def test_bad_records_are_skipped_and_reported_then_budget_stops_the_run(vqa, tmp_path, capsys):
     records = json.load(open(vqa["train_json"]))
     records[1]["image"] = "images/missing.png"
