@@ -25,7 +25,8 @@ def _inputs(m):
     return ids, pix
 
 
-@pytest.mark.parametrize("path", ["configs/lavi_qwen2_7b_siglip.py:tiny", "configs/llava_ov_7b_concat.py:tiny"])
+@pytest.mark.parametrize("path", [pytest.param("configs/lavi_qwen2_7b_siglip.py:tiny", marks=pytest.mark.slow),  # ~40 s
+                                  "configs/llava_ov_7b_concat.py:tiny"])
 def test_bf16_logits_stay_within_the_bound_of_f32(path):
     m = C.get(path).model
     assert (m.dtype, m.param_dtype) == C.PRECISIONS["f32"]
