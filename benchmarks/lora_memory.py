@@ -164,11 +164,18 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated METHOD@TOPOLOGY[/loss_chunk=N]")
     p.add_argument("--batches", default="", help="compile only these global batches (comma-separated) for each row")
     args = p.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    for row in rows:  # before any compile: a batch must divide by the row's chips
+        method, topology, _ = parse_row(row)
+        chips = config_for(method, topology, 8)[1]
+        if bad := [b for b in batches if b % chips]:
+            p.error(f"--batches {bad} for {row}: a global batch must be a multiple of its {chips} chips")
     data = load()
-    for row in [r for r in args.rows.split(",") if r]:
-        if args.batches:
-            for b in args.batches.split(","):
-                r = measure(data, row, int(b))
+    for row in rows:
+        if batches:
+            for b in batches:
+                r = measure(data, row, b)
                 print(f"{row} batch {b}: fits {r['fits']}, peak {r['peak']}", file=sys.stderr)
         else:
             largest(data, row)
